@@ -1,0 +1,130 @@
+"""The model bundle: the self-describing directory the trainer writes and the function loads.
+
+``model.json`` says what the network is (architecture, labels, preprocessing, calibrated thresholds,
+provenance); ``weights.pt`` is a plain state_dict loaded with ``weights_only=True`` so that a bundle
+can never run code. This module must not import ``trainer``: bundles load where only the runtime is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serverless.architectures import build_model, get_architecture
+
+FORMAT = "cvat-detector-bundle"
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.pt"
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete or of an unknown format."""
+
+
+@dataclass
+class BundleInfo:
+    """The content of ``model.json``."""
+
+    architecture: str
+    labels: list[str]  # class id = index + 1; 0 is background
+    shape_type: str = "rectangle"  # CVAT shape the function returns: "rectangle" or "mask"
+    min_size: int | None = None  # shorter side the model resizes to
+    max_size: int | None = None
+    detections_per_img: int = 300
+    tile_size: int | None = None  # sliced inference for large frames when set
+    tile_overlap: int = 128
+    threshold: float = 0.5  # default score threshold (max F1 on validation)
+    class_thresholds: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def build(self) -> torch.nn.Module:
+        """The untrained network this bundle's weights belong to."""
+        return build_model(
+            self.architecture,
+            len(self.labels),
+            min_size=self.min_size,
+            max_size=self.max_size,
+            detections_per_img=self.detections_per_img,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = MODEL_JSON) -> BundleInfo:
+        if data.get("format") != FORMAT:
+            raise BundleError(f"{source}: not a cvat-detector bundle (format={data.get('format')!r})")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BundleError(
+                f"{source}: bundle format version {version!r} is newer than this runtime supports "
+                f"({FORMAT_VERSION}); update cvat-detector"
+            )
+        known = set(cls.__dataclass_fields__)
+        info = cls(**{k: v for k, v in data.items() if k in known})
+        get_architecture(info.architecture)
+        if not info.labels or len(set(info.labels)) != len(info.labels):
+            raise BundleError(f"{source}: labels must be a non-empty list of unique names")
+        return info
+
+
+def load_info(bundle_dir: str | Path) -> BundleInfo:
+    path = Path(bundle_dir) / MODEL_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{bundle_dir}: no {MODEL_JSON}; expected a trained run directory") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: invalid JSON: {exc}") from exc
+    return BundleInfo.from_dict(data, str(path))
+
+
+def load_model(
+    bundle_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BundleInfo, torch.nn.Module]:
+    """Rebuild the network and load its weights without unpickling code; eval mode on ``device``."""
+    info = load_info(bundle_dir)
+    model = info.build()
+    path = Path(bundle_dir) / WEIGHTS
+    if not path.exists():
+        raise BundleError(f"{bundle_dir}: no {WEIGHTS}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return info, model.eval().to(device)
+
+
+def save_bundle(bundle_dir: str | Path, info: BundleInfo, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write weights then model.json, each atomically, so a reader never sees a half bundle."""
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(bundle_dir / WEIGHTS, lambda f: torch.save(weights, f))
+    atomic_write(bundle_dir / MODEL_JSON, lambda f: f.write(info.to_json().encode()))
+    atomic_write(
+        bundle_dir / "labels.txt", lambda f: f.write(("\n".join(info.labels) + "\n").encode())
+    )
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(binary_file)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,95 @@
+"""Image decoding shared by training and the Nuclio function (train/serve parity).
+
+Every frame CVAT can hold (JPEG/PNG/TIFF/BMP, RGBA, palette, grayscale, 16-bit, EXIF-rotated) becomes
+the same 8-bit RGB array whether it is read from an export during training or arrives base64-encoded
+in a request. An image that trains as X is served as X.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: Largest frame accepted, in pixels (about 16k x 16k). Larger is refused as a likely decompression bomb.
+MAX_PIXELS = 268_435_456
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read, or the image is too large."""
+
+
+def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to an HxWx3 uint8 RGB array, EXIF orientation applied."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_size(img, source, max_pixels)
+                img = ImageOps.exif_transpose(img)
+                return to_rgb8(img)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{source}: image is too large ({exc})") from exc
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ImageDecodeError(
+            f"{source}: not a readable image (expected JPEG, PNG, TIFF or BMP bytes): {exc}"
+        ) from exc
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file with :func:`decode_image`."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read image file: {exc.strerror}") from exc
+    return decode_image(data, source=str(path), max_pixels=max_pixels)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as CVAT reports it: after EXIF orientation, without decoding pixels."""
+    with Image.open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _check_size(img: Image.Image, source: str, max_pixels: int) -> None:
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageDecodeError(
+            f"{source}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}"
+        )
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """Convert any PIL mode to HxWx3 uint8 RGB; high bit depths are scaled, not clipped."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        return _gray_to_rgb(_scale_to_u8(arr, 65535.0 if mode.startswith("I;16") else None))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _scale_to_u8(arr: np.ndarray, full_scale: float | None) -> np.ndarray:
+    """Map a high-bit-depth gray image to 0..255: by the format's range, or its own if unknown."""
+    if full_scale is None:
+        lo, hi = float(arr.min()), float(arr.max())
+        full_scale = hi if lo >= 0 and hi > 255 else max(hi - lo, 1.0)
+        arr = arr - (0 if lo >= 0 and hi > 255 else lo)
+    return np.clip(arr * (255.0 / full_scale) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)

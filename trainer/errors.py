@@ -1,0 +1,12 @@
+"""Errors that reach the user as one clear line (exit code 2), never as a traceback."""
+
+from serverless.architectures import UnknownArchitectureError
+from serverless.bundle import BundleError
+from serverless.imageio import ImageDecodeError
+
+
+class UserError(Exception):
+    """Bad input or configuration: the message names the file or field and what was expected."""
+
+
+USER_ERRORS = (UserError, BundleError, ImageDecodeError, UnknownArchitectureError)

@@ -1,0 +1,98 @@
+"""The in-memory dataset every reader produces and every consumer (training, crops, inspect) reads.
+
+Plain dataclasses, independent of the export format: a CVAT XML and a COCO export of the same project
+yield equal records. Images are keyed by (subset, name), never by numeric ids, which CVAT reuses
+across subsets.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+@dataclass
+class Shape:
+    """One annotated object. ``box`` is always set: axis-aligned xyxy in pixels, clipped to the image."""
+
+    label: str
+    kind: str  # "rectangle", "polygon", "mask" or "ellipse" (as CVAT names them)
+    box: tuple[float, float, float, float]
+    rotation: float = 0.0  # degrees, for rotated rectangles/ellipses (box is then the envelope)
+    polygons: list[list[float]] | None = None  # flat [x0, y0, x1, y1, ...] rings (polygon, ellipse)
+    mask: np.ndarray | None = None  # bool bitmap of the box crop, for masks
+    mask_origin: tuple[int, int] = (0, 0)  # (left, top) of ``mask`` in image pixels
+    occluded: bool = False
+    attributes: dict[str, str] = field(default_factory=dict)
+    object_id: int | None = None  # CVAT/COCO annotation id where the export has one
+    group: int = 0
+
+    def to_mask(self, width: int, height: int) -> np.ndarray:
+        """Full-image bool mask: the bitmap, the polygons, or the box when the shape has no outline."""
+        out = np.zeros((height, width), dtype=bool)
+        if self.mask is not None:
+            left, top = self.mask_origin
+            h, w = self.mask.shape
+            x0, y0 = max(left, 0), max(top, 0)
+            x1, y1 = min(left + w, width), min(top + h, height)
+            if x1 > x0 and y1 > y0:
+                out[y0:y1, x0:x1] = self.mask[y0 - top : y1 - top, x0 - left : x1 - left]
+            return out
+        canvas = Image.new("1", (width, height), 0)
+        draw = ImageDraw.Draw(canvas)
+        if self.polygons:
+            for ring in self.polygons:
+                if len(ring) >= 6:
+                    draw.polygon(ring, fill=1)
+        else:
+            draw.rectangle(self.box, fill=1)
+        return np.asarray(canvas, dtype=bool)
+
+
+@dataclass
+class ImageRecord:
+    """One image of an export with its shapes."""
+
+    subset: str
+    name: str  # path relative to the export's image root, as CVAT writes it
+    width: int
+    height: int
+    path: Path | None  # where the file is on disk (None when images were not exported)
+    shapes: list[Shape] = field(default_factory=list)
+    task_id: int | None = None
+    frame: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.subset, self.name)
+
+
+@dataclass
+class DetectionData:
+    """Everything read from one or more exports, merged under one label list."""
+
+    labels: list[str]  # class order: class id = index + 1
+    images: list[ImageRecord]
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    sources: list[str] = field(default_factory=list)
+
+    def subset(self, name: str) -> list[ImageRecord]:
+        return [im for im in self.images if im.subset.lower() == name.lower()]
+
+    def summary(self) -> dict:
+        """Counts users check before training (also saved into the bundle's provenance)."""
+        per_label = Counter(s.label for im in self.images for s in im.shapes)
+        return {
+            "images": len(self.images),
+            "images_with_objects": sum(1 for im in self.images if im.shapes),
+            "objects": sum(per_label.values()),
+            "labels": list(self.labels),
+            "objects_per_label": {name: per_label.get(name, 0) for name in self.labels},
+            "subsets": dict(Counter(im.subset for im in self.images)),
+            "skipped": dict(self.skipped),
+            "sources": list(self.sources),
+        }
