@@ -106,13 +106,17 @@ def build_model(
     }
     if trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = trainable_backbone_layers
-    if arch.startswith("ssdlite"):
-        kwargs.pop("min_size"), kwargs.pop("max_size")
-        kwargs["size"] = (min_size or spec.min_size,) * 2
+    fixed_size = None
+    if arch.startswith("ssdlite"):  # SSDlite resizes every image to one square size
+        fixed_size = kwargs.pop("min_size")
+        del kwargs["max_size"]
     if weights is None:
-        return spec.builder(weights=None, num_classes=num_classes, **kwargs)
-    model = spec.builder(weights=weights, **kwargs)
-    replace_heads(model, arch, num_classes)
+        model = spec.builder(weights=None, num_classes=num_classes, **kwargs)
+    else:
+        model = spec.builder(weights=weights, **kwargs)
+        replace_heads(model, arch, num_classes)
+    if fixed_size:
+        model.transform.fixed_size = (fixed_size, fixed_size)
     return model
 
 
