@@ -8,9 +8,10 @@ trainer trained. Pretrained weights are resolved by the trainer; here models are
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torchvision.models import detection as tvd
@@ -84,32 +85,38 @@ def build_model(
     arch: str,
     num_labels: int,
     *,
-    min_size: int | None = None,
+    min_size: int | tuple[int, ...] | None = None,
     max_size: int | None = None,
     detections_per_img: int = 300,
     weights: Any = None,
     weights_backbone: Any = None,
     trainable_backbone_layers: int | None = None,
+    **extra: Any,
 ) -> torch.nn.Module:
     """Build ``arch`` for ``num_labels`` labels (class 0 is background, label i is class i + 1).
+
+    A tuple ``min_size`` trains at a random shorter side per batch (scale jitter) and infers at the
+    largest; SSDlite always uses one square size.
 
     ``weights`` (a torchvision COCO weight enum) are loaded with the original 91-class head, which is
     then replaced, so the backbone, neck and box regression start pretrained.
     """
     spec = get_architecture(arch)
     num_classes = num_labels + 1
+    largest = max(min_size) if isinstance(min_size, tuple) else (min_size or spec.min_size)
     kwargs: dict[str, Any] = {
         "min_size": min_size or spec.min_size,
-        "max_size": max_size or max(spec.max_size, min_size or 0),
+        "max_size": max_size or max(spec.max_size, largest),
         spec.detections_kw: detections_per_img,
         "weights_backbone": weights_backbone,
     }
     if trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = trainable_backbone_layers
+    kwargs.update(extra)  # training-only knobs of the torchvision constructor
     fixed_size = None
     if arch.startswith("ssdlite"):  # SSDlite resizes every image to one square size
-        fixed_size = kwargs.pop("min_size")
-        del kwargs["max_size"]
+        fixed_size = largest
+        del kwargs["min_size"], kwargs["max_size"]
     if weights is None:
         model = spec.builder(weights=None, num_classes=num_classes, **kwargs)
     else:
