@@ -17,6 +17,8 @@ import torch
 from torchvision.models import detection as tvd
 from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 
+from serverless.errors import UnknownArchitectureError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -65,10 +67,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 DEFAULT_ARCH = "fasterrcnn_resnet50_fpn_v2"
-
-
-class UnknownArchitectureError(ValueError):
-    pass
 
 
 def get_architecture(name: str) -> Architecture:

@@ -17,15 +17,12 @@ from typing import Any
 import torch
 
 from serverless.architectures import build_model, get_architecture
+from serverless.errors import BundleError
 
 FORMAT = "cvat-detector-bundle"
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
-
-
-class BundleError(ValueError):
-    """A bundle directory is missing, incomplete or of an unknown format."""
 
 
 @dataclass

@@ -12,14 +12,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serverless.errors import ImageDecodeError
 
 #: Largest frame accepted, in pixels (about 16k x 16k). Larger is refused as a likely decompression bomb.
 MAX_PIXELS = 268_435_456
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not an image we can read, or the image is too large."""
 
 
 def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -35,10 +33,13 @@ def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXEL
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{source}: image is too large ({exc})") from exc
-    except Exception as exc:  # PIL raises many types for corrupt data
+    except UnidentifiedImageError as exc:
         raise ImageDecodeError(
-            f"{source}: not a readable image (expected JPEG, PNG, TIFF or BMP bytes): {exc}"
+            f"{source}: not a readable image (expected JPEG, PNG, TIFF or BMP bytes, "
+            f"got bytes starting {data[:8]!r})"
         ) from exc
+    except Exception as exc:  # PIL raises many types for truncated or corrupt data
+        raise ImageDecodeError(f"{source}: not a readable image (truncated or corrupt: {exc})") from exc
 
 
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -1,8 +1,6 @@
 """Errors that reach the user as one clear line (exit code 2), never as a traceback."""
 
-from serverless.architectures import UnknownArchitectureError
-from serverless.bundle import BundleError
-from serverless.imageio import ImageDecodeError
+from serverless.errors import BundleError, ImageDecodeError, UnknownArchitectureError
 
 
 class UserError(Exception):
