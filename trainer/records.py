@@ -79,6 +79,7 @@ class DetectionData:
     images: list[ImageRecord]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     sources: list[str] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)  # kept but changed (e.g. rotated -> envelope)
 
     def subset(self, name: str) -> list[ImageRecord]:
         return [im for im in self.images if im.subset.lower() == name.lower()]
@@ -94,5 +95,6 @@ class DetectionData:
             "objects_per_label": {name: per_label.get(name, 0) for name in self.labels},
             "subsets": dict(Counter(im.subset for im in self.images)),
             "skipped": dict(self.skipped),
+            "notes": dict(self.notes),
             "sources": list(self.sources),
         }

@@ -1,0 +1,39 @@
+"""Show what training would see in CVAT exports: images per subset, objects per label, skips.
+
+Reads the exports exactly as `train` does (same options), without touching a model, so label
+names, subsets and skipped shapes can be checked before spending hours on training.
+
+examples:
+  python -m trainer inspect bccd_cvat11.zip
+  python -m trainer inspect export1.zip export2.zip --labels RBC,WBC --json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "summarise CVAT exports (images, objects per label, skipped shapes)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from trainer.data_args import add_data_arguments
+
+    add_data_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.data_args import load_from_args, split_from_args
+    from trainer.readers import format_summary
+
+    data = load_from_args(args, require_images=False)
+    summary = data.summary()
+    summary["split"] = {role: len(ims) for role, ims in split_from_args(args, data).items()}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        print("\nsplit: " + ", ".join(f"{k} {v}" for k, v in summary["split"].items()))
+    return 0
