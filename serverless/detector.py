@@ -1,21 +1,43 @@
 """The detector every serving path shares: Nuclio handler, cvat-sdk function, CLI predict, crops.
 
-Loads a bundle once, keeps images uint8 until they reach the device, normalises there, and runs under
-``inference_mode`` (with autocast on GPU). Returns plain numpy results in source-image pixels.
+Loads a bundle once, keeps images uint8 until they reach the device, normalises there, and runs
+under ``inference_mode`` (with autocast on GPU). Returns plain numpy results in source-image pixels.
+
+Large frames: when the bundle sets ``tile_size``, a frame larger than one tile also goes through
+the network as overlapping tiles. A tile's box that touches a cut (a tile edge inside the frame) is
+an object seen in part: it is dropped when an uncut box of its class covers most of it (the overlap
+guarantees one for objects smaller than it; the full-frame pass finds the large ones). What remains
+is merged per class with :func:`torchvision.ops.batched_nms`. A frame that does not fit in GPU
+memory is retried in tiles, then on the CPU, so one huge frame never fails a whole task.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import batched_nms
 
-from serverless.bundle import BundleInfo, load_model
+from serverless.bundle import BundleError, BundleInfo, load_model
 
 log = logging.getLogger(__name__)
+
+#: Windows (tiles and the full frame) sent through the network together.
+TILE_BATCH = 4
+#: Two detections of one class from different windows overlapping more than this are one object.
+MERGE_IOU = 0.5
+#: A cut box this much inside an uncut box of its class is a part of that object.
+PART_INSIDE = 0.5
+#: Tile side for the out-of-memory retry when the bundle sets none.
+OOM_TILE = 1024
+#: Frames up to this many bytes go to the GPU through a reused pinned buffer.
+STAGING_BYTES = 64 << 20
+
+Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in frame pixels
 
 
 @dataclass
@@ -25,12 +47,24 @@ class Detections:
     boxes: np.ndarray  # (N, 4) float32 xyxy in image pixels
     scores: np.ndarray  # (N,) float32
     labels: list[str]
-    #: For mask models: per detection, a bool bitmap of its inclusive integer box (see ``mask_boxes``).
+    #: Mask models: per detection, a bool bitmap of its inclusive integer box (``mask_boxes``).
     masks: list[np.ndarray] = field(default_factory=list)
     mask_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass
+class _Part:
+    """One window's detections above their class thresholds, in frame pixels, on the CPU."""
+
+    boxes: torch.Tensor  # (N, 4) float32
+    scores: torch.Tensor  # (N,) float32
+    classes: torch.Tensor  # (N,) int64, 1-based
+    cut: torch.Tensor  # (N,) bool: the box touches a window edge that lies inside the frame
+    masks: list[np.ndarray] | None  # mask models: bool bitmap of each box's inclusive box
+    mask_boxes: list[tuple[int, int, int, int]]
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -42,6 +76,23 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def tile_windows(width: int, height: int, tile: int, overlap: int) -> list[Window]:
+    """Windows of at most ``tile`` px covering the frame, evenly spread so that neighbours overlap
+    by at least ``overlap`` px: an object no larger than that lies whole inside one of them."""
+
+    def starts(size: int) -> list[int]:
+        if size <= tile:
+            return [0]
+        n = math.ceil((size - overlap) / (tile - overlap))
+        return [i * (size - tile) // (n - 1) for i in range(n)]
+
+    return [
+        (x, y, min(x + tile, width), min(y + tile, height))
+        for y in starts(height)
+        for x in starts(width)
+    ]
+
+
 class Detector:
     """A loaded bundle ready to detect objects in decoded RGB uint8 images."""
 
@@ -50,12 +101,18 @@ class Detector:
         self.info: BundleInfo
         self.info, self.model = load_model(bundle_dir, self.device)
         self.bundle_dir = Path(bundle_dir)
+        tile, overlap = self.info.tile_size, self.info.tile_overlap
+        if tile is not None and not 0 <= overlap < tile:
+            raise BundleError(
+                f"{self.bundle_dir}/model.json: tile_overlap must be >= 0 and smaller than "
+                f"tile_size ({tile}), got {overlap}"
+            )
         self._autocast = self.device.type == "cuda"
         self._amp_dtype = (
-            torch.bfloat16
-            if self._autocast and torch.cuda.is_bf16_supported()
-            else torch.float16
+            torch.bfloat16 if self._autocast and torch.cuda.is_bf16_supported() else torch.float16
         )
+        self._staging: torch.Tensor | None = None  # pinned host buffer reused across requests
+        self._cpu_model: torch.nn.Module | None = None  # loaded on the first GPU out-of-memory
 
     @property
     def labels(self) -> list[str]:
@@ -81,46 +138,150 @@ class Detector:
     @torch.inference_mode()
     def detect(self, image: np.ndarray, threshold: float | None = None) -> Detections:
         """Detect objects in an HxWx3 uint8 RGB image."""
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        tensor = tensor.to(self.device, non_blocking=True).float().div_(255.0)
-        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
-            output = self.model([tensor])[0]
-        return self._postprocess(output, self.thresholds(threshold), image.shape[:2])
+        floors = self.thresholds(threshold)
+        try:
+            parts = self._infer(image, floors, self.model, self.device, self.info.tile_size, True)
+        except torch.cuda.OutOfMemoryError as exc:
+            parts = self._infer_after_oom(image, floors, exc)
+        return self._merge(parts)
 
-    def _postprocess(
-        self, output: dict[str, torch.Tensor], thresholds: np.ndarray, hw: tuple[int, int]
-    ) -> Detections:
-        classes = output["labels"].cpu().numpy().astype(np.int64)
-        scores = output["scores"].float().cpu().numpy()
-        valid = (classes >= 1) & (classes <= len(self.labels))
-        keep = valid & (scores >= thresholds[np.clip(classes - 1, 0, len(self.labels) - 1)])
-        order = np.argsort(-scores[keep], kind="stable")
-        idx = np.flatnonzero(keep)[order]
-        boxes = output["boxes"].float().cpu().numpy()[idx].astype(np.float32)
-        h, w = hw
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    def _infer_after_oom(
+        self, image: np.ndarray, floors: np.ndarray, exc: Exception
+    ) -> list[_Part]:
+        """Retry a frame that did not fit: in tiles on the same device, then on the CPU."""
+        h, w = image.shape[:2]
+        tile = self.info.tile_size or OOM_TILE
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if max(h, w) > tile:
+            log.warning("out of memory on a %dx%d frame; retrying in %d px tiles", w, h, tile)
+            try:
+                return self._infer(image, floors, self.model, self.device, tile, False)
+            except torch.cuda.OutOfMemoryError as again:
+                exc = again
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if self.device.type == "cpu":
+            raise exc
+        log.warning("out of GPU memory on a %dx%d frame; running it on the CPU", w, h)
+        if self._cpu_model is None:
+            self._cpu_model = load_model(self.bundle_dir, "cpu")[1]
+        cpu = torch.device("cpu")
+        return self._infer(image, floors, self._cpu_model, cpu, self.info.tile_size, True)
+
+    def _infer(
+        self,
+        image: np.ndarray,
+        floors: np.ndarray,
+        model: torch.nn.Module,
+        device: torch.device,
+        tile: int | None,
+        full_frame: bool,
+    ) -> list[_Part]:
+        """Run ``model`` on the whole frame (if ``full_frame``) and, when larger, on its tiles."""
+        h, w = image.shape[:2]
+        frame = self._upload(image, device)
+        windows: list[Window] = [(0, 0, w, h)] if full_frame else []
+        if tile and max(h, w) > tile:
+            windows += tile_windows(w, h, tile, self.info.tile_overlap)
+        autocast = device.type == "cuda" and self._autocast
+        parts = []
+        for i in range(0, len(windows), TILE_BATCH):
+            batch = windows[i : i + TILE_BATCH]
+            inputs = [frame[:, y0:y1, x0:x1].float().div_(255.0) for x0, y0, x1, y1 in batch]
+            with torch.autocast(device.type, dtype=self._amp_dtype, enabled=autocast):
+                outputs = model(inputs)
+            for window, output in zip(batch, outputs, strict=True):
+                parts.append(_part(output, window, (w, h), floors))
+        return parts
+
+    def _upload(self, image: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The frame as a 3xHxW uint8 tensor on ``device``; GPU copies go through pinned memory."""
+        array = torch.from_numpy(np.ascontiguousarray(image))
+        if device.type == "cuda" and array.numel() <= STAGING_BYTES:
+            if self._staging is None or self._staging.numel() < array.numel():
+                self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+            array = self._staging[: array.numel()].view(array.shape).copy_(array)
+        return array.to(device, non_blocking=True).permute(2, 0, 1)
+
+    def _merge(self, parts: list[_Part]) -> Detections:
+        """Merge the windows' detections (one window: as they are), highest score first."""
+        boxes = torch.cat([p.boxes for p in parts])
+        scores = torch.cat([p.scores for p in parts])
+        classes = torch.cat([p.classes for p in parts])
+        idx = torch.arange(len(scores))
+        if len(parts) > 1:
+            cut = torch.cat([p.cut for p in parts])
+            idx = torch.cat([idx[~cut], idx[cut][~_covered(boxes, classes, idx[cut], idx[~cut])]])
+            idx = idx[batched_nms(boxes[idx], scores[idx], classes[idx], MERGE_IOU)]
+            idx = idx[: self.info.detections_per_img]
+        else:
+            idx = torch.sort(scores, descending=True, stable=True).indices
+        order = idx.tolist()
         det = Detections(
-            boxes=boxes,
-            scores=scores[idx].astype(np.float32),
-            labels=[self.labels[c - 1] for c in classes[idx]],
+            boxes=boxes[idx].numpy(),
+            scores=scores[idx].numpy(),
+            labels=[self.labels[c - 1] for c in classes[idx].tolist()],
         )
-        if "masks" in output and len(idx):
-            self._crop_masks(det, output["masks"][torch.as_tensor(idx, device=self.device)], hw)
+        if parts[0].masks is not None:
+            masks = [m for p in parts for m in p.masks or []]
+            mask_boxes = [b for p in parts for b in p.mask_boxes]
+            det.masks = [masks[i] for i in order]
+            det.mask_boxes = [mask_boxes[i] for i in order]
         return det
 
-    @staticmethod
-    def _crop_masks(det: Detections, masks: torch.Tensor, hw: tuple[int, int]) -> None:
-        """Binarise Mask R-CNN's soft masks and keep each one's inclusive box crop."""
-        h, w = hw
-        binary = (masks[:, 0] >= 0.5).cpu().numpy()
-        for i, (x1, y1, x2, y2) in enumerate(det.boxes):
-            box = (
-                int(min(max(np.floor(x1), 0), w - 1)),
-                int(min(max(np.floor(y1), 0), h - 1)),
-                int(min(max(np.ceil(x2) - 1, 0), w - 1)),
-                int(min(max(np.ceil(y2) - 1, 0), h - 1)),
-            )
-            box = (box[0], box[1], max(box[2], box[0]), max(box[3], box[1]))
-            det.mask_boxes.append(box)
-            det.masks.append(binary[i, box[1] : box[3] + 1, box[0] : box[2] + 1])
+
+def _part(
+    output: dict[str, torch.Tensor], window: Window, size: tuple[int, int], floors: np.ndarray
+) -> _Part:
+    """Keep one window's detections above their class thresholds, move them to frame pixels, mark
+    the ones its cuts go through, and crop their masks while those are still on the device."""
+    x0, y0, x1, y1 = window
+    w, h = size
+    classes = output["labels"].cpu().long()
+    scores = output["scores"].float().cpu()
+    n = len(floors)
+    floor = torch.from_numpy(floors)[(classes - 1).clamp(0, n - 1)]
+    keep = torch.nonzero((classes >= 1) & (classes <= n) & (scores >= floor)).flatten()
+    boxes = output["boxes"].float().cpu()[keep] + torch.tensor([x0, y0, x0, y0]).float()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(x0, x1)  # inside the window, so inside the frame
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(y0, y1)
+    cut = torch.zeros(len(boxes), dtype=torch.bool)
+    for coord, edge, inside in ((0, x0, x0 > 0), (1, y0, y0 > 0), (2, x1, x1 < w), (3, y1, y1 < h)):
+        if inside:  # within a pixel of a window edge that is not the frame's
+            cut |= (boxes[:, coord] - edge).abs() <= 1.0
+    part = _Part(boxes, scores[keep], classes[keep], cut, None, [])
+    if "masks" in output:
+        part.masks = []
+        for k, box in zip(keep.tolist(), boxes.numpy(), strict=True):
+            bitmap, inclusive = _crop_mask(output["masks"][k, 0], box, window)
+            part.masks.append(bitmap)
+            part.mask_boxes.append(inclusive)
+    return part
+
+
+def _covered(
+    boxes: torch.Tensor, classes: torch.Tensor, parts: torch.Tensor, wholes: torch.Tensor
+) -> torch.Tensor:
+    """For each cut box ``parts[i]``: does it lie mostly inside an uncut box of its class?"""
+    if not len(parts) or not len(wholes):
+        return torch.zeros(len(parts), dtype=torch.bool)
+    a, b = boxes[parts][:, None], boxes[wholes][None]
+    lo, hi = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = (a[..., 2:] - a[..., :2]).clamp(min=1e-6).prod(-1)
+    same = classes[parts][:, None] == classes[wholes][None]
+    return ((inter / area >= PART_INSIDE) & same).any(1)
+
+
+def _crop_mask(
+    soft: torch.Tensor, box: np.ndarray, window: Window
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A window's soft mask binarised inside the inclusive integer box (frame pixels) of ``box``."""
+    x0, y0, x1, y1 = window
+    xa = int(min(max(np.floor(box[0]), x0), x1 - 1))
+    ya = int(min(max(np.floor(box[1]), y0), y1 - 1))
+    xb = max(int(min(np.ceil(box[2]) - 1, x1 - 1)), xa)
+    yb = max(int(min(np.ceil(box[3]) - 1, y1 - 1)), ya)
+    crop = soft[ya - y0 : yb - y0 + 1, xa - x0 : xb - x0 + 1] >= 0.5
+    return crop.cpu().numpy(), (xa, ya, xb, yb)

@@ -1,0 +1,164 @@
+"""The Nuclio function CVAT calls: ``init_context`` loads the bundle, ``handler`` serves a frame.
+
+Request (the CVAT ⇄ Nuclio contract in DESIGN.md): POST JSON ``{"image": base64 of the frame file,
+"threshold": number}``. ``threshold`` is absent when the CVAT user set none; the bundle's calibrated
+thresholds apply then. Response: 200 with a JSON list of shapes (:mod:`serverless.cvat_shapes`).
+A request that cannot be served as sent (no image, bad base64, not an image, too many pixels, bad
+threshold) gets a 400 JSON ``{"error": ...}`` naming the field; any other failure a 500 JSON error
+whose traceback goes to the log, never to CVAT. Either way the worker keeps its model and goes on.
+
+Settings (environment, ``spec.env`` in function.yaml):
+
+- ``CVAT_DETECTOR_BUNDLE``: the bundle directory; default ``bundle`` beside the ``serverless``
+  package, which is ``/opt/nuclio/bundle`` in a function made by ``python -m trainer package``.
+- ``CVAT_DETECTOR_DEVICE``: ``auto`` (default: the GPU when one is visible), ``cuda:1``, ``cpu``.
+- ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import reprlib
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serverless.cvat_shapes import to_cvat_shapes
+from serverless.detector import Detector
+from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
+
+BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
+DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
+MAX_PIXELS_ENV = "CVAT_DETECTOR_MAX_PIXELS"
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+
+_EXPECTED = 'expected a JSON object {"image": "<base64 of the frame file>", "threshold": 0.5}'
+
+
+class BadRequest(ValueError):
+    """The request cannot be served as sent; the message names the field and what was expected."""
+
+
+@dataclass(frozen=True)
+class Request:
+    image: bytes  # the encoded frame file
+    threshold: float | None  # None: the bundle's calibrated thresholds
+
+
+def init_context(context: Any) -> None:
+    """Load the bundle once per worker, on the GPU when present, and warm it up."""
+    bundle = Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
+    max_pixels = _env_int(MAX_PIXELS_ENV, MAX_PIXELS)
+    start = time.perf_counter()
+    detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto")
+    loaded = time.perf_counter()
+    detector.warmup()
+    context.user_data.detector = detector
+    context.user_data.max_pixels = max_pixels
+    device = detector.device
+    context.logger.info_with(
+        "cvat-detector model loaded",
+        bundle=str(bundle),
+        architecture=detector.info.architecture,
+        labels=detector.labels,
+        shape_type=detector.info.shape_type,
+        device=str(device),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        load_s=round(loaded - start, 2),
+        warmup_s=round(time.perf_counter() - loaded, 2),
+    )
+
+
+def handler(context: Any, event: Any) -> Any:
+    """Detect objects in one frame and answer with CVAT shapes (see the module docstring)."""
+    start = time.perf_counter()
+    try:
+        request = parse_request(event.body)
+        image = decode_image(request.image, "image", context.user_data.max_pixels)
+        shapes = to_cvat_shapes(context.user_data.detector.detect(image, request.threshold))
+    except (BadRequest, ImageDecodeError) as exc:
+        context.logger.warn_with("request rejected", error=str(exc))
+        return _response(context, {"error": str(exc)}, 400)
+    except Exception as exc:
+        context.logger.error_with(
+            "inference failed", error=repr(exc), traceback=traceback.format_exc()
+        )
+        error = f"internal error ({type(exc).__name__}); the function log has the details"
+        return _response(context, {"error": error}, 500)
+    context.logger.debug_with(
+        "frame done",
+        width=image.shape[1],
+        height=image.shape[0],
+        shapes=len(shapes),
+        ms=round((time.perf_counter() - start) * 1000, 1),
+    )
+    return _response(context, shapes, 200)
+
+
+def parse_request(body: Any) -> Request:
+    """Validate a request body: a dict (content type ``application/json``) or raw JSON bytes."""
+    if isinstance(body, bytes | bytearray | memoryview | str):
+        try:
+            body = json.loads(bytes(body) if not isinstance(body, str) else body)
+        except ValueError as exc:
+            raise BadRequest(f"request body is not valid JSON ({exc}); {_EXPECTED}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body: {_EXPECTED}, got {type(body).__name__}")
+    image = body.get("image")
+    if image is None:
+        raise BadRequest(f'request body has no "image" field; {_EXPECTED}')
+    if not isinstance(image, str) or not image:
+        raise BadRequest(f"image: expected a non-empty base64 string, got {_show(image)}")
+    return Request(image=_b64decode(image), threshold=parse_threshold(body.get("threshold")))
+
+
+def parse_threshold(value: Any) -> float | None:
+    """A score threshold in [0, 1], or None when absent (null is absent: CVAT drops it)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise BadRequest(f"threshold: expected a number between 0 and 1, got {_show(value)}")
+    return float(value)
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        pass
+    try:  # MIME-style base64 wraps lines; anything else outside the alphabet is an error
+        return base64.b64decode("".join(text.split()), validate=True)
+    except ValueError as exc:
+        raise BadRequest(f"image: not valid base64 ({exc})") from None
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"environment variable {name}: expected a positive integer, got {raw!r}")
+    return value
+
+
+def _response(context: Any, payload: Any, status: int) -> Any:
+    return context.Response(
+        body=json.dumps(payload),
+        headers={},
+        content_type="application/json",
+        status_code=status,
+    )

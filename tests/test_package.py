@@ -1,0 +1,254 @@
+"""`python -m trainer package`: the function directory, checked field by field as CVAT's lambda
+manager and Nuclio read it, and run as Nuclio runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serverless.bundle import BundleInfo
+from tests.factories import make_bundle
+from trainer import package
+from trainer.cli import main
+from trainer.errors import UserError
+from trainer.package import function_name, label_spec, package_function
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CAPTURES = SHARED / "cvat-captures"
+LABELS = ["RBC", "WBC", "Platelets"]
+#: Python inside the CUDA PyTorch image (pytorch/pytorch 2.5.1 images ship Python 3.11.10).
+IMAGE_PYTHON = {"pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime": "3.11"}
+
+
+def lambda_listing(data: dict[str, Any]) -> dict[str, Any]:
+    """What CVAT's lambda manager (cvat/apps/lambda_manager/views.py, LambdaFunction) makes of a
+    Nuclio function, in the shape of CVAT's own listing (cvat-captures/...listing.json)."""
+    annotations = data["metadata"]["annotations"]
+    spec = json.loads(annotations.get("spec") or "[]")
+    names = [item["name"] for item in spec]
+    assert len(names) == len(set(names)), "non-unique labels: CVAT refuses the function"
+    for item in spec:
+        attributes = [a["name"] for a in item.get("attributes", [])]
+        assert len(attributes) == len(set(attributes))
+    return {
+        "id": data["metadata"]["name"],
+        "kind": annotations.get("type"),
+        "labels_v2": [
+            {"name": i["name"], "type": i.get("type"), "attributes": i.get("attributes", [])}
+            for i in spec
+        ],
+        "description": data["spec"]["description"],  # a KeyError here breaks CVAT's model list
+        "name": annotations.get("name", data["metadata"]["name"]),
+        "version": int(annotations.get("version", "1")),
+    }
+
+
+def check_function_config(config: dict[str, Any], labels: list[str], shape: str, gpu: bool) -> None:
+    """Every field CVAT and Nuclio rely on, as DESIGN.md's contract states it."""
+    meta = config["metadata"]
+    assert re.fullmatch(r"[a-z][a-z0-9-]*[a-z0-9]", meta["name"]) and len(meta["name"]) <= 56
+    annotations = meta["annotations"]
+    assert annotations["type"] == "detector" and annotations["framework"] == "pytorch"
+    assert type(annotations["version"]) is int
+    spec = json.loads(annotations["spec"])
+    assert [item["id"] for item in spec] == list(range(1, len(labels) + 1))
+    assert [item["name"] for item in spec] == labels
+    assert {item["type"] for item in spec} == {shape}
+
+    listing = lambda_listing({**config, "status": {"state": "ready"}})
+    with open(CAPTURES / "cvat_lambda_functions_listing.json", encoding="utf-8") as f:
+        captured = json.load(f)[0]
+    assert set(listing) == set(captured) and listing["kind"] == "detector"
+    assert set(listing["labels_v2"][0]) == set(captured["labels_v2"][0])
+    assert listing["description"].strip()
+
+    spec_ = config["spec"]
+    assert spec_["handler"] == "main:handler"
+    assert re.fullmatch(r"[1-9]\d*s", spec_["eventTimeout"])
+    assert {"name": "CVAT_DETECTOR_BUNDLE", "value": "/opt/nuclio/bundle"} in spec_["env"]
+    build = spec_["build"]
+    base = build["baseImage"]
+    python = IMAGE_PYTHON.get(base) or re.fullmatch(r"python:(\d+\.\d+)(-.*)?", base).group(1)
+    assert spec_["runtime"] == f"python:{python}"
+    assert re.fullmatch(r"[a-z0-9][a-z0-9._/-]*", build["image"])
+    commands = " ".join(d["value"] for d in build["directives"]["preCopy"] if d["kind"] == "RUN")
+    for requirement in ("nuclio-sdk", "Pillow", "PyYAML"):
+        assert requirement in commands
+    assert ("torch==" in commands) == (not gpu)  # the CUDA image already has torch/torchvision
+
+    trigger = spec_["triggers"]["myHttpTrigger"]
+    assert trigger["kind"] == "http" and trigger["maxWorkers"] == 1
+    assert trigger["workerAvailabilityTimeoutMilliseconds"] > 0
+    assert trigger["attributes"]["maxRequestBodySize"] >= 32 * 1024 * 1024
+    limits = spec_.get("resources", {}).get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (1 if gpu else None)
+    platform = spec_["platform"]["attributes"]
+    assert platform["restartPolicy"] == {"name": "always", "maximumRetryCount": 3}
+    assert platform["mountMode"] == "volume"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_bundle(
+        tmp_path_factory.mktemp("runs") / "bccd-v2", LABELS, min_size=96, max_size=128
+    )
+
+
+def test_top_level_template_is_the_packaged_one():
+    assert (REPO / "function.yaml").read_bytes() == (
+        REPO / "serverless" / "function.yaml"
+    ).read_bytes()
+    assert package.template_text() == (REPO / "function.yaml").read_text(encoding="utf-8")
+
+
+def test_template_itself_describes_a_deployable_function():
+    check_function_config(_load(REPO / "function.yaml"), ["object"], "rectangle", gpu=True)
+
+
+def test_packaged_gpu_function_is_what_cvat_reads(run_dir, tmp_path):
+    done = package_function(run_dir, tmp_path / "fn")
+    config = _load(tmp_path / "fn" / "function.yaml")
+    check_function_config(config, LABELS, "rectangle", gpu=True)
+    assert done.name == config["metadata"]["name"] == "bccd-v2"
+    assert config["metadata"]["annotations"]["name"] == "bccd-v2"
+    assert "fasterrcnn_mobilenet_v3_large_fpn" in config["spec"]["description"]
+    assert sorted(p.name for p in (tmp_path / "fn" / "bundle").iterdir()) == [
+        "labels.txt", "model.json", "weights.pt",
+    ]  # fmt: skip
+    assert (tmp_path / "fn" / "bundle" / "labels.txt").read_text().split() == LABELS
+    runtime = {p.name for p in (tmp_path / "fn" / "serverless").iterdir()}
+    assert {"main.py", "detector.py", "cvat_shapes.py", "mask_polygon.py", "imageio.py"} <= runtime
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
+
+
+def test_cpu_function_has_no_gpu_limit_and_installs_cpu_torch(run_dir, tmp_path):
+    package_function(run_dir, tmp_path / "fn", name="BCCD cells (CPU)", cpu=True)
+    config = _load(tmp_path / "fn" / "function.yaml")
+    check_function_config(config, LABELS, "rectangle", gpu=False)
+    assert config["metadata"]["name"] == "bccd-cells-cpu"
+    assert config["metadata"]["annotations"]["name"] == "BCCD cells (CPU)"
+
+
+def test_mask_bundles_declare_mask_labels():
+    info = BundleInfo(
+        architecture="maskrcnn_resnet50_fpn_v2", labels=["cell", "nucleus"], shape_type="mask"
+    )
+    assert json.loads(label_spec(info)) == [
+        {"id": 1, "name": "cell", "type": "mask"},
+        {"id": 2, "name": "nucleus", "type": "mask"},
+    ]
+    info.shape_type = "polygon"
+    with pytest.raises(UserError, match="shape_type"):
+        label_spec(info)
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("bccd", "bccd"),
+        ("BCCD cells (v2)!", "bccd-cells-v2"),
+        ("2024_run.final", "detector-2024-run-final"),
+        ("Zellkerne: größer", "zellkerne-gr-er"),
+        ("x" * 80, "x" * 56),
+    ],
+)
+def test_function_names_are_valid_nuclio_and_kubernetes_names(text, name):
+    assert function_name(text) == name
+
+
+def test_a_name_without_letters_or_digits_is_refused():
+    with pytest.raises(UserError, match="--name"):
+        function_name("!!! ???")
+
+
+def test_packaged_function_runs_on_its_own_as_nuclio_loads_it(run_dir, tmp_path):
+    """Import main.py from the function directory, not the repository, with the default bundle
+    path, and answer the captured CVAT request through nuclio-sdk's Platform."""
+    fn = tmp_path / "fn"
+    package_function(run_dir, fn)
+    script = f"""
+import json, sys
+import nuclio_sdk
+from nuclio_sdk.test import Platform
+import main, serverless
+assert serverless.__file__.startswith({str(fn)!r}), serverless.__file__
+body = json.loads(open({str(CAPTURES / "interactive_request_body.json")!r}, "rb").read())
+event = nuclio_sdk.Event(body=body, content_type="application/json")
+response = Platform().call_handler(main.handler, event)
+print("RESULT", response.status_code, len(json.loads(response.body)))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("CVAT_DETECTOR_BUNDLE", "PYTHONPATH")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=fn, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RESULT 200 " in done.stdout
+    assert "/opt/nuclio/bundle" not in done.stdout and str(fn / "bundle") in done.stdout
+
+
+def test_existing_directory_is_refused_then_replaced_whole(run_dir, tmp_path):
+    out = tmp_path / "fn"
+    package_function(run_dir, out)
+    (out / "stale.txt").write_text("from an older package")
+    with pytest.raises(UserError, match="--overwrite"):
+        package_function(run_dir, out)
+    assert (out / "stale.txt").exists()
+    package_function(run_dir, out, name="renamed", overwrite=True)
+    assert not (out / "stale.txt").exists()
+    assert _load(out / "function.yaml")["metadata"]["name"] == "renamed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fn"]
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
+    def failing(tmp: Path, *args: Any) -> list[str]:
+        (tmp / "function.yaml").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(package, "_write_function", failing)
+    with pytest.raises(OSError, match="disk full"):
+        package_function(run_dir, tmp_path / "fn")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_replace_the_run_and_unloadable_weights(run_dir, tmp_path):
+    with pytest.raises(UserError, match="run directory"):
+        package_function(run_dir, run_dir, overwrite=True)
+    with pytest.raises(UserError, match="run directory"):
+        package_function(run_dir, run_dir.parent, overwrite=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_bytes((run_dir / "model.json").read_bytes())
+    (broken / "weights.pt").write_bytes(b"not a state dict")
+    with pytest.raises(UserError, match=r"weights\.pt"):
+        package_function(broken, tmp_path / "fn")
+    assert not (tmp_path / "fn").exists()
+
+
+def test_cli_packages_models_side_by_side_and_prints_the_next_step(run_dir, tmp_path, capsys):
+    for name in ("bccd", "bccd-cpu"):
+        args = ["package", str(run_dir), "--out", str(tmp_path / name), "--name", name]
+        assert main([*args, "--cpu"] if name.endswith("cpu") else args) == 0
+        out = capsys.readouterr().out
+        assert f"Nuclio function '{name}'" in out and str(tmp_path / name / "function.yaml") in out
+        assert re.search(rf"next: \S*deploy_gpu\.sh {re.escape(str(tmp_path / name))}$", out, re.M)
+    names = {
+        _load(tmp_path / n / "function.yaml")["metadata"]["name"] for n in ("bccd", "bccd-cpu")
+    }
+    assert names == {"bccd", "bccd-cpu"}
+
+    assert main(["package", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "model.json" in err and not (tmp_path / "x").exists()

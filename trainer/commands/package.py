@@ -1,0 +1,66 @@
+"""Package a trained run as a Nuclio function directory that CVAT lists and calls.
+
+The directory holds function.yaml (project cvat, a detector whose labels are the run's labels, one
+GPU, one worker), main.py, the serverless runtime and the bundle. Deploy it with deploy_gpu.sh.
+
+Examples:
+  python -m trainer package runs/bccd --out functions/bccd
+  python -m trainer package runs/bccd --out functions/bccd-cpu --name "BCCD cells (CPU)" --cpu
+  ./deploy_gpu.sh functions/bccd
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "package a trained run as a Nuclio function for CVAT (then run deploy_gpu.sh)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run", metavar="RUN", help="trained run / bundle directory (has model.json)"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="function directory to write")
+    parser.add_argument(
+        "--name",
+        help="name CVAT shows (default: the run directory's name); the Nuclio function id is made "
+        "from it with lowercase letters, digits and '-'",
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="CPU base image and no GPU limit (slower; no NVIDIA needed)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.package import package_function
+
+    done = package_function(
+        args.run, args.out, name=args.name, cpu=args.cpu, overwrite=args.overwrite
+    )
+    info, out = done.info, done.out
+    print(
+        f"packaged {args.run} as Nuclio function {done.name!r} (CVAT shows {done.display_name!r}): "
+        f"{info.architecture}, {len(info.labels)} {info.shape_type} labels "
+        f"({', '.join(info.labels)}), {'CPU' if done.cpu else 'GPU'}"
+    )
+    print(f"  {out / 'function.yaml'}")
+    print(f"  {out / 'main.py'}")
+    print(f"  {out / 'serverless'}/ ({', '.join(done.runtime_files)})")
+    print(f"  {out / 'bundle'}/ (model.json, weights.pt, labels.txt)")
+    print(f"next: {_deploy_script()} {out}")
+    return 0
+
+
+def _deploy_script() -> str:
+    """deploy_gpu.sh as the user can type it: relative to the working directory when possible."""
+    script = Path(__file__).resolve().parents[2] / "deploy_gpu.sh"
+    if not script.is_file():
+        return "deploy_gpu.sh"
+    try:
+        return f"./{script.relative_to(Path.cwd().resolve())}"
+    except ValueError:
+        return str(script)
