@@ -1,0 +1,148 @@
+"""Run a trained bundle on a folder of images, or pre-annotate CVAT tasks with it.
+
+Folder: every JPEG/PNG/TIFF/BMP under DIR (recursively) -> a COCO-style results file (file_name
+relative to DIR; bbox [x, y, w, h], score, category_id; RLE segmentation for mask models), plus
+optional previews with boxes and scores drawn. Unreadable files are listed and skipped.
+
+Server: detections go into the tasks through cvat-sdk, only on frames without annotations unless
+--all-frames (existing shapes are never deleted). --label-suffix _NV (or --nv) writes them under
+"<label>_NV" labels to mark them not validated. Credentials come from the environment:
+CVAT_ACCESS_TOKEN, or CVAT_USER and CVAT_PASSWORD.
+
+examples:
+  python -m trainer predict runs/bccd --images photos/ --out photos.json --previews previews/
+  python -m trainer predict runs/bccd --server https://cvat.example.org --tasks 15,16 --nv --dry-run
+  python -m trainer predict runs/bccd --server https://cvat.example.org --project 4 --nv
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "detect objects in a folder of images, or pre-annotate CVAT tasks"
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a score between 0 and 1, got {text!r}")
+    return value
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 1:
+        raise argparse.ArgumentTypeError(f"expected task ids such as 15,16,18, got {text!r}")
+    return ids
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="trained run (bundle) directory")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--images", metavar="DIR", type=Path, help="folder of images (recursive)")
+    target.add_argument("--server", metavar="URL", help="CVAT server to pre-annotate tasks on")
+    parser.add_argument(
+        "--threshold", type=_threshold, help="score threshold (default: the bundle's)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+    folder = parser.add_argument_group("folder (--images)")
+    folder.add_argument(
+        "--out", type=Path, default=Path("predictions.json"), help="results file (%(default)s)"
+    )
+    folder.add_argument("--previews", type=Path, metavar="DIR", help="also draw detections here")
+    folder.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    server = parser.add_argument_group("server (--server)")
+    which = server.add_mutually_exclusive_group()
+    which.add_argument("--tasks", type=_ids, metavar="IDS", help="comma-separated task ids")
+    which.add_argument("--project", type=int, metavar="ID", help="every task of this project")
+    server.add_argument(
+        "--label-suffix", default="", metavar="SUFFIX", help='e.g. "_NV": write RBC as RBC_NV'
+    )
+    server.add_argument(
+        "--nv", dest="label_suffix", action="store_const", const="_NV", help="--label-suffix _NV"
+    )
+    server.add_argument("--create-labels", action="store_true", help="add missing target labels")
+    server.add_argument(
+        "--all-frames", action="store_true", help="also annotated frames (nothing is deleted)"
+    )
+    server.add_argument("--polygons", action="store_true", help="masks as polygons (mask models)")
+    server.add_argument("--dry-run", action="store_true", help="print what would be written")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.errors import UserError
+
+    if args.images is not None:
+        if args.tasks or args.project is not None or args.dry_run:
+            raise UserError("--tasks, --project and --dry-run go with --server, not --images")
+        return _run_folder(args)
+    if not args.tasks and args.project is None:
+        raise UserError("--server needs --tasks IDS or --project ID")
+    return _run_server(args)
+
+
+def _run_folder(args: argparse.Namespace) -> int:
+    from serverless.detector import Detector
+    from trainer.errors import UserError
+    from trainer.predict import find_images, predict_folder, summary_lines, write_json
+
+    root: Path = args.images
+    if not root.is_dir():
+        raise UserError(f"--images {root}: not a folder")
+    if args.previews and args.previews.resolve() == root.resolve():
+        raise UserError(f"--previews {args.previews}: must not be the --images folder")
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
+    if not find_images(root, exclude=args.previews):
+        raise UserError(f"--images {root}: no .jpg/.jpeg/.png/.tif/.tiff/.bmp files found")
+    detector = Detector(args.run, args.device)
+    result = predict_folder(detector, root, threshold=args.threshold, previews=args.previews)
+    if not result.coco["images"]:
+        raise UserError(f"--images {root}: none of the images could be read")
+    write_json(args.out, result.coco)
+    for line in summary_lines(result, detector.labels):
+        print(line)
+    print(f"wrote {args.out}" + (f" and previews in {args.previews}" if args.previews else ""))
+    return 0
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from serverless.detector import Detector
+    from trainer.cvat_server import connect
+    from trainer.cvat_upload import (
+        UploadOptions,
+        find_tasks,
+        report_lines,
+        server_errors,
+        upload_predictions,
+    )
+    from trainer.errors import UserError
+
+    options = UploadOptions(
+        threshold=args.threshold,
+        label_suffix=args.label_suffix,
+        all_frames=args.all_frames,
+        create_labels=args.create_labels,
+        polygons=args.polygons,
+        dry_run=args.dry_run,
+    )
+    detector = Detector(args.run, args.device)
+    if args.polygons and not detector.has_masks:
+        raise UserError(f"--polygons: {args.run} is a box model ({detector.info.architecture})")
+    with connect(args.server) as client, server_errors(args.server):
+        tasks = find_tasks(client, args.tasks or (), args.project)
+        for report in upload_predictions(client, detector, tasks, options):
+            for line in report_lines(report, args.dry_run):
+                print(line, flush=True)
+    if args.dry_run:
+        print("dry run: nothing was sent")
+    return 0
