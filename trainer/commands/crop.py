@@ -1,0 +1,214 @@
+"""Cut every object out as its own image file, ready for classifier training (ImageFolder layout).
+
+Objects come from CVAT exports or a CVAT server (like every other command), or from a trained
+model run over a folder of images (--model RUN --images DIR). Output:
+OUT/<label>/<subset>/<image>__<object-id>.png and OUT/metadata.csv (one row per crop). A re-run
+replaces OUT as a whole; --append adds to it.
+
+examples:
+  cvat-detector-crop project_export.zip --out crops/ --padding 8 --square
+  cvat-detector-crop export.zip --out crops/ --labels WBC,Platelets --border pad --mask-alpha
+  cvat-detector-crop --model runs/bccd --images slides/ --threshold 0.6 --out crops/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serverless.detector import Detector
+    from trainer.crop import CropSummary
+    from trainer.records import DetectionData
+
+HELP = "export every object as an image file plus metadata.csv (for classifier training)"
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _colour(text: str) -> tuple[int, int, int]:
+    try:
+        rgb = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise argparse.ArgumentTypeError(f"expected R,G,B with values 0-255, got {text!r}")
+    return rgb  # type: ignore[return-value]
+
+
+def _workers(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 worker, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from trainer.data_args import add_data_arguments
+
+    add_data_arguments(parser)
+    parser.add_argument("--out", "-o", required=True, metavar="OUT", help="folder for the crops")
+    det = parser.add_argument_group("crops of a model's detections (instead of DATA)")
+    det.add_argument("--model", metavar="RUN", help="trained model (a run / bundle folder)")
+    det.add_argument("--images", metavar="DIR", help="folder of images (searched recursively)")
+    det.add_argument(
+        "--threshold", type=float, help="score threshold (default: the model's calibrated ones)"
+    )
+    det.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    geo = parser.add_argument_group("what is cut")
+    pad = geo.add_mutually_exclusive_group()
+    pad.add_argument(
+        "--padding", type=_non_negative, default=0.0, metavar="PX",
+        help="pixels of context added on every side",
+    )  # fmt: skip
+    pad.add_argument(
+        "--padding-frac", type=_non_negative, default=0.0, metavar="F",
+        help="context as a fraction of the box's width (left, right) and height (top, bottom)",
+    )  # fmt: skip
+    geo.add_argument(
+        "--square", action="store_true",
+        help="widen the shorter side so crops are square (never stretched)",
+    )  # fmt: skip
+    geo.add_argument(
+        "--border", choices=("clip", "pad"), default="clip",
+        help="crops reaching past the image: clip them (default) or pad them with --pad-color",
+    )  # fmt: skip
+    geo.add_argument(
+        "--pad-color", type=_colour, default=(0, 0, 0), metavar="R,G,B",
+        help="fill for --border pad and for rotated crops reaching past the image (0,0,0)",
+    )  # fmt: skip
+    geo.add_argument(
+        "--min-size", type=_non_negative, default=0.0, metavar="PX",
+        help="skip objects whose shorter side is below PX pixels",
+    )  # fmt: skip
+    geo.add_argument(
+        "--mask-alpha", action="store_true",
+        help="RGBA PNG: transparent outside the object's mask, polygon or box",
+    )  # fmt: skip
+    out = parser.add_argument_group("how it is written")
+    out.add_argument(
+        "--format", choices=("png", "source"), default="png",
+        help="png (lossless, default) or each source image's own format (jpg stays jpg)",
+    )  # fmt: skip
+    out.add_argument(
+        "--no-subsets", action="store_true",
+        help="OUT/<label>/<file> instead of OUT/<label>/<subset>/<file>",
+    )  # fmt: skip
+    out.add_argument(
+        "--append", action="store_true",
+        help="add to an existing crop folder (refuses crops it already lists)",
+    )  # fmt: skip
+    out.add_argument(
+        "--workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
+        help="parallel workers (default: one per CPU core)",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.crop import CropOptions, crop_annotations, crop_detections
+    from trainer.crop_geometry import CropSpec
+    from trainer.errors import UserError
+
+    if args.mask_alpha and args.format == "source":
+        raise UserError("--mask-alpha writes RGBA PNG files; it cannot go with --format source")
+    spec = CropSpec(
+        padding=args.padding,
+        padding_frac=args.padding_frac,
+        square=args.square,
+        border=args.border,
+        pad_color=args.pad_color,
+        min_size=args.min_size,
+        mask_alpha=args.mask_alpha,
+    )
+    options = CropOptions(
+        spec=spec,
+        fmt=args.format,
+        subsets=not args.no_subsets,
+        workers=args.workers,
+        append=args.append,
+        skip_missing=args.skip_missing,
+    )
+    labels, read_skipped = args.labels, {}
+    if args.model:
+        _check_detection_args(args)
+        summary = crop_detections(
+            _load_detector(args.model, args.device, labels), args.images, args.out, options,
+            threshold=args.threshold, labels=labels,
+        )  # fmt: skip
+    else:
+        _check_annotation_args(args)
+        data = _load_all_labels(args)
+        summary = crop_annotations(data, args.out, options, labels)
+        read_skipped = data.skipped
+    _print_summary(summary, read_skipped)
+    return 0
+
+
+def _check_detection_args(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from trainer.errors import UserError
+
+    if not args.images:
+        raise UserError("--model needs --images DIR: the folder of images to run it on")
+    if not Path(args.images).is_dir():
+        raise UserError(f"--images {args.images}: not a folder")
+    if args.data or getattr(args, "server", None):
+        raise UserError("--model crops detections on --images; do not also give DATA or --server")
+
+
+def _check_annotation_args(args: argparse.Namespace) -> None:
+    from trainer.errors import UserError
+
+    given = [f"--{n}" for n in ("images", "threshold") if getattr(args, n) is not None]
+    if given:
+        raise UserError(f"{' and '.join(given)} only apply with --model RUN")
+
+
+def _load_detector(run_dir: str, device: str, labels: list[str] | None) -> Detector:
+    """The model, once its labels are known to cover --labels (loading weights takes a while)."""
+    from serverless.bundle import load_info
+    from serverless.detector import Detector
+    from trainer.crop import check_labels
+    from trainer.errors import UserError
+
+    check_labels(labels, load_info(run_dir).labels)
+    try:
+        return Detector(run_dir, device)
+    except RuntimeError as exc:  # e.g. --device cuda without a visible GPU
+        raise UserError(f"--device {device}: {exc}") from exc
+
+
+def _load_all_labels(args: argparse.Namespace) -> DetectionData:
+    """The data with every label: --labels is applied by the crop exporter itself, so an object
+    without an export id keeps the same index (and file name) whichever labels are selected."""
+    from trainer.data_args import load_from_args
+
+    return load_from_args(argparse.Namespace(**{**vars(args), "labels": None}))
+
+
+def _print_summary(summary: CropSummary, read_skipped: dict[str, int]) -> None:
+    rate = summary.total / summary.seconds if summary.seconds else 0.0
+    print(
+        f"wrote {summary.total} crops of {summary.images} images to {summary.out} "
+        f"in {summary.seconds:.1f} s ({rate:.0f} objects/s)"
+    )
+    width = max((len(name) for name in summary.crops), default=0)
+    for name, count in sorted(summary.crops.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {name:<{width}}  {count}")
+    for reason, count in summary.skipped.items():
+        print(f"skipped {count} {reason}")
+    for note, count in summary.notes.items():
+        print(f"note: {count} {note}")
+    for reason, count in read_skipped.items():
+        print(f"left out while reading the data: {count} x {reason}")
+    print(f"metadata: {summary.out / 'metadata.csv'}")
