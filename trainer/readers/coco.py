@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.readers.geometry import bitmap_shape, finish, points_box, rotated_envelope
+from trainer.readers.geometry import bitmap_shape, finish, points_box, rotated_corners, rotated_envelope
 from trainer.readers.masks import decode_coco_rle
 from trainer.readers.parsed import DEGENERATE, ROTATED, ParsedExport
 from trainer.records import ImageRecord, Shape
@@ -112,10 +112,12 @@ def _shape(ann: dict, label: str, image: ImageRecord, out: ParsedExport) -> Shap
     else:
         box = _bbox(ann)
         rotation = float(attrs.get("rotation") or 0.0)
+        rings = None
         if rotation % 360:
             out.notes[ROTATED] += 1
+            rings = [rotated_corners(*box, rotation)]
             box = rotated_envelope(*box, rotation)
-        shape = Shape(kind="rectangle", box=box, rotation=rotation, **common)
+        shape = Shape(kind="rectangle", box=box, rotation=rotation, polygons=rings, **common)
     return finish(shape, image.width, image.height, out)
 
 

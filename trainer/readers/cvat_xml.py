@@ -20,6 +20,7 @@ from trainer.readers.geometry import (
     finish,
     merge_groups,
     points_box,
+    rotated_corners,
     rotated_envelope,
 )
 from trainer.readers.masks import decode_cvat_rle, parse_cvat_rle
@@ -213,7 +214,8 @@ def _box(h: _Handler, attrs: dict[str, str]) -> Shape | None:
     if rotation and float(rotation) % 360:
         h.out.notes[ROTATED] += 1
         box = rotated_envelope(x0, y0, x1, y1, float(rotation))
-        return h.add(Shape(attrs["label"], "rectangle", box, float(rotation)), attrs)
+        ring = rotated_corners(x0, y0, x1, y1, float(rotation))
+        return h.add(Shape(attrs["label"], "rectangle", box, float(rotation), polygons=[ring]), attrs)
     # The common case, kept short (it runs once per box): plain, inside, not occluded, no group.
     if (
         0 <= x0 <= x1 - 1 <= h.width - 1

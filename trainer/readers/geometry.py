@@ -24,6 +24,18 @@ def rotated_envelope(x0: float, y0: float, x1: float, y1: float, degrees: float)
     return (cx - ex, cy - ey, cx + ex, cy + ey)
 
 
+def rotated_corners(x0: float, y0: float, x1: float, y1: float, degrees: float) -> list[float]:
+    """Flat corners of the box rotated clockwise (as CVAT draws it) by ``degrees`` about its centre.
+
+    Kept unclipped beside the clipped envelope: masks and upright crops need the true outline.
+    """
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    turned = [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in corners]
+    return [v for point in turned for v in point]
+
+
 def ellipse_box(cx: float, cy: float, rx: float, ry: float, degrees: float) -> Box:
     """Axis-aligned bounds of the (rotated) ellipse."""
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
