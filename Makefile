@@ -19,7 +19,13 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 --dist loadfile
 
-bench: $(STAMP)
+# datumaro is the baseline of bench_parse.py only; it lives in its own venv, not the product's.
+.venv-bench/.installed:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install --quiet datumaro
+	touch $@
+
+bench: $(STAMP) .venv-bench/.installed
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

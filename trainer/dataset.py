@@ -76,8 +76,9 @@ class DetectionDataset(Dataset):
         pixels = torch.from_numpy(self.image(index)).permute(2, 0, 1)
         image, target = tv_tensors.Image(pixels), self.target(index)
         if self.transforms is not None and epoch >= 0:
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF)
-            image, target = self.transforms(image, target)
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+                torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF)
+                image, target = self.transforms(image, target)
         target["image_id"] = index
         return image.as_subclass(torch.Tensor), target
 

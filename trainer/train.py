@@ -96,8 +96,10 @@ def make_scheduler(config: TrainConfig, optimizer, iters_per_epoch: int):
 class Run:
     """The state of one training run on one rank."""
 
-    def __init__(self, config: TrainConfig, data: DetectionData, splits: dict[str, list[ImageRecord]]):
+    def __init__(self, config: TrainConfig, data: DetectionData, splits: dict[str, list[ImageRecord]],
+                 split_options: dict[str, Any] | None = None):
         self.config, self.data = config, data
+        self.split_options = split_options or {}
         self.rank, self.world, self.device = distributed.init(pick_device(config.device))
         self.main = self.rank == 0
         self.spec = get_architecture(config.arch)
@@ -282,6 +284,7 @@ class Run:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "data": self.data.summary(),
             "split": {name: len(records) for name, records in self.splits.items()},
+            "split_options": self.split_options,
             "weights": {"kind": self.point.kind, "source": self.point.source},
             "parent_run": self.point.source if self.point.kind == "run" else None,
             "epochs_run": len(self.history), "best_epoch": self.best_epoch + 1,
@@ -304,16 +307,20 @@ class Run:
         info.class_thresholds = {k: float(v) for k, v in calibration.class_thresholds.items()}
         info.metrics = {"validation": result.to_dict(), "calibration": calibration.to_dict()}
         report.write_reports(self.out, result, calibration)
-        plots.plot_history(self.out / HISTORY, self.out / "plots" / "history.png")
         samples = [(self.val_set.image(i), preds[i], gts[i]) for i in range(min(4, len(preds)))]
         plots.write_plots(self.out, calibration, samples)
         print(report.format_table(result, calibration), flush=True)
         return info
 
 
-def train(config: TrainConfig, data: DetectionData, splits: dict[str, list[ImageRecord]]) -> Path:
+def train(
+    config: TrainConfig,
+    data: DetectionData,
+    splits: dict[str, list[ImageRecord]],
+    split_options: dict[str, Any] | None = None,
+) -> Path:
     """Run training to completion (or early stop) and return the bundle directory."""
-    run = Run(config, data, splits)
+    run = Run(config, data, splits, split_options)
     try:
         if config.resume:
             run.resume()

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise UserError(f"--device {args.device}: {exc}") from exc
     data = load_from_args(args)
+    _adopt_split_options(args, info.provenance)
     name, records = _select(args, data, info.provenance.get("config", {}).get("seed", 0))
     _check_labels(records, info.labels)
     detector = Detector(args.run, device=str(device))
@@ -85,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
         print(report.format_table(result, calibration))
         print(f"results written to {out}/")
     return 0
+
+
+def _adopt_split_options(args: argparse.Namespace, provenance: dict) -> None:
+    """Use the run's own --val-fraction/--subset-map unless given here: the same held-out images."""
+    saved = provenance.get("split_options", {})
+    if args.val_fraction == 0.2 and "val_fraction" in saved:
+        args.val_fraction = saved["val_fraction"]
+    if not args.subset_map and saved.get("subset_map"):
+        args.subset_map = list(saved["subset_map"].items())
 
 
 def _select(
