@@ -47,9 +47,8 @@ def main() -> int:
         if code:
             return code
         minutes = (time.perf_counter() - start) / 60
-        metrics = json.loads((out / "metrics.json").read_text())
+        result = json.loads((out / "metrics.json").read_text())
         device = json.loads((out / "model.json").read_text())["provenance"]["device"]
-    result = metrics.get("validation", metrics)
     print(f"\nBCCD Validation, {args.arch}, weights {args.weights}, {args.epochs} epochs, "
           f"{minutes:.1f} min on {device}")
     print(f"mAP50 {result['mAP50']:.3f}  mAP {result['mAP']:.3f}  "

@@ -37,19 +37,28 @@ from trainer.transforms import train_size_range, train_transforms
 HISTORY = "history.csv"
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Refuse to replace an existing run unless ``--overwrite``; ``--resume`` needs one."""
+def check_run_dir(config: TrainConfig) -> None:
+    """Refuse to replace an existing run unless ``--overwrite``; ``--resume`` needs one.
+
+    Called before any data is read, so a mistake costs nothing.
+    """
     out = Path(config.out)
     last = out / "checkpoints" / checkpoint.LAST
     if config.resume:
         if not last.exists():
             raise UserError(f"--resume: {last} does not exist; nothing to resume")
-        return out
-    if out.exists() and any(out.iterdir()):
+    elif out.exists() and any(out.iterdir()):
         if not config.overwrite:
             raise UserError(f"{out} already holds a run; pass --overwrite to replace it or --resume")
         if not ((out / MODEL_JSON).exists() or last.exists()):
             raise UserError(f"{out} is not empty and is not a run; refusing to delete it")
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    """The run directory, emptied for a fresh run (after :func:`check_run_dir`)."""
+    check_run_dir(config)
+    out = Path(config.out)
+    if not config.resume and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -201,7 +210,8 @@ class Run:
 
     def validate(self) -> tuple[list[dict], list[dict]]:
         """Ground truth and raw predictions of the validation split, gathered on rank 0."""
-        shards = distributed.gather(predict(self.model, self.val_loader, self.precision))
+        # the bare network: DDP's forward would sync buffers, a collective with uneven shards
+        shards = distributed.gather(predict(self.net, self.val_loader, self.precision))
         preds_by_index = {k: v for shard in shards for k, v in shard.items()}
         order = sorted(preds_by_index)
         gts = [_numpy_target(self.val_set.target(i)) for i in order]
@@ -258,13 +268,19 @@ class Run:
 
     # the bundle -----------------------------------------------------------------------------------
 
-    def finish(self, config_yaml: str) -> BundleInfo:
-        """Reload the best epoch, calibrate thresholds, write the bundle, reports and plots."""
+    def finish(self, config_yaml: str) -> BundleInfo | None:
+        """Reload the best epoch, calibrate thresholds, write the bundle, reports and plots.
+
+        Every rank takes part (validation is sharded); rank 0 alone writes.
+        """
         best = checkpoint.load(self.out / "checkpoints" / checkpoint.BEST)
         self.net.load_state_dict(best)
+        validation = self.validate() if len(self.val_set) else None
+        if not self.main:
+            return None
         info = self._bundle_info()
-        if len(self.val_set):
-            info = self._calibrate_and_report(info)
+        if validation:
+            info = self._calibrate_and_report(info, *validation)
         save_bundle(self.out, info, self.net.state_dict())
         atomic_write(self.out / "config.yaml", lambda f: f.write(config_yaml.encode()))
         return info
@@ -295,12 +311,11 @@ class Run:
                                           if self.device.type == "cuda" else ""),
         }
 
-    def _calibrate_and_report(self, info: BundleInfo) -> BundleInfo:
+    def _calibrate_and_report(self, info: BundleInfo, gts: list[dict], preds: list[dict]) -> BundleInfo:
         from trainer import plots, report
         from trainer.calibration import calibrate_thresholds
         from trainer.evaluation import evaluate_detections
 
-        gts, preds = self.validate()
         result = evaluate_detections(gts, preds, info.labels, max_dets=info.detections_per_img)
         calibration = calibrate_thresholds(gts, preds, info.labels)
         info.threshold = float(calibration.threshold)
@@ -330,8 +345,9 @@ def train(
         if run.main:
             _print_plan(run)
         run.fit()
-        if run.main:
-            info = run.finish(config.to_yaml())
+        distributed.barrier()  # rank 0 has written best.pt
+        info = run.finish(config.to_yaml())
+        if info:
             print(f"bundle written to {run.out} (threshold {info.threshold:.2f})", flush=True)
         distributed.barrier()
     except KeyboardInterrupt:

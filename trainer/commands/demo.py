@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         _banner(number, total, title, argv)
         if code := main(argv):
             return code
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is in {out}/")
+    validation = json.loads((run_dir / "metrics.json").read_text())
+    print(f"\nvalidation mAP50 {validation['mAP50']:.3f}, mAP@[.5:.95] {validation['mAP']:.3f}")
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is in {out}/")
     return 0
 
 

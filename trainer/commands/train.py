@@ -70,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
     from trainer.config import apply_config_file, config_from_args
     from trainer.data_args import load_from_args, split_from_args
     from trainer.readers import format_summary
-    from trainer.train import train
+    from trainer.train import check_run_dir, train
 
     apply_config_file(args, args._parser)
     config = config_from_args(args)
+    check_run_dir(config)
     data = load_from_args(args)
     splits = split_from_args(args, data)
     print(format_summary(data.summary()), flush=True)
