@@ -124,3 +124,16 @@ def test_bad_configs_fail_clearly(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
         apply_config_file(args, parser)
         config_from_args(args)
+
+
+def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_message(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    point = resolve("coco", "fasterrcnn_mobilenet_v3_large_fpn")
+    with pytest.raises(UserError, match=r"could not load coco weights .*--weights none"):
+        build_from(point, "fasterrcnn_mobilenet_v3_large_fpn", ["a"], min_size=128)
