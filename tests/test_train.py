@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from serverless.detector import Detector
 from trainer import engine
 from trainer.cli import main
 from trainer.synth import generate
@@ -124,3 +126,18 @@ def test_two_process_ddp_on_cpu(tiny_export, tmp_path):
     info = json.loads((out / "model.json").read_text())
     assert info["provenance"]["split"]["train"] == 6
     assert "2 x cpu" in result.stdout
+
+
+def test_mask_rcnn_trains_on_polygons_and_masks_and_serves_masks(tmp_path):
+    export = generate(tmp_path / "data", seed=3, train=4, val=2, empty=0, size=(128, 96), shapes="mixed",
+                      formats=("cvat",))["cvat"]
+    out = tmp_path / "masks"
+    argv = ["train", str(export), "--out", str(out), "--arch", "maskrcnn_resnet50_fpn_v2",
+            "--weights", "none", "--device", "cpu", "--epochs", "1", "--image-size", "96",
+            "--batch-size", "2", "--workers", "0", "--roi-batch-size", "32", "--detections-per-img", "10"]
+    assert main(argv) == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["shape_type"] == "mask" and info["architecture"] == "maskrcnn_resnet50_fpn_v2"
+    detector = Detector(out, "cpu")
+    found = detector.detect(np.full((96, 128, 3), 200, np.uint8), threshold=0.0)
+    assert detector.has_masks and len(found.masks) == len(found) > 0

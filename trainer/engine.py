@@ -99,25 +99,29 @@ def predict(
     *,
     show_progress: bool = False,
     desc: str = "validate",
+    masks: bool = False,
 ) -> dict[int, dict[str, np.ndarray]]:
-    """Raw detections (no score threshold beyond the model's own) keyed by dataset index."""
+    """Raw detections (no score threshold beyond the model's own) keyed by dataset index.
+
+    Full-image masks of hundreds of detections per image are only kept when asked for.
+    """
     model.eval()
     results: dict[int, dict[str, np.ndarray]] = {}
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_progress, unit="batch"):
         with precision.autocast():
             outputs = model(to_device(images, precision.device))
         for target, output in zip(targets, outputs, strict=True):
-            results[int(target["image_id"])] = _to_numpy(output)
+            results[int(target["image_id"])] = _to_numpy(output, masks)
     return results
 
 
-def _to_numpy(output: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def _to_numpy(output: dict[str, torch.Tensor], masks: bool) -> dict[str, np.ndarray]:
     out = {
         "boxes": output["boxes"].float().cpu().numpy(),
         "scores": output["scores"].float().cpu().numpy(),
         "labels": output["labels"].cpu().numpy().astype(np.int64),
     }
-    if "masks" in output:
+    if masks and "masks" in output:
         out["masks"] = (output["masks"][:, 0] >= 0.5).cpu().numpy()
     return out
 

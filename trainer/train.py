@@ -379,10 +379,7 @@ def _summary_line(epoch: int, epochs: int, stats: dict, metrics: dict, improved:
 
 
 def _numpy_target(target: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    out = {"boxes": target["boxes"].numpy().astype(np.float32), "labels": target["labels"].numpy()}
-    if "masks" in target:
-        out["masks"] = target["masks"].numpy().astype(bool)
-    return out
+    return {"boxes": target["boxes"].numpy().astype(np.float32), "labels": target["labels"].numpy()}
 
 
 def _cpus() -> int:
