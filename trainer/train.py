@@ -211,10 +211,12 @@ class Run:
     def validate(self) -> tuple[list[dict], list[dict]]:
         """Ground truth and raw predictions of the validation split, gathered on rank 0."""
         # the bare network: DDP's forward would sync buffers, a collective with uneven shards
+        from trainer.evaluation import record_target
+
         shards = distributed.gather(predict(self.net, self.val_loader, self.precision))
         preds_by_index = {k: v for shard in shards for k, v in shard.items()}
         order = sorted(preds_by_index)
-        gts = [_numpy_target(self.val_set.target(i)) for i in order]
+        gts = [record_target(self.val_set.records[i], self.val_set.class_of) for i in order]
         return gts, [preds_by_index[i] for i in order]
 
     def evaluate(self) -> dict[str, float]:
@@ -376,10 +378,6 @@ def _summary_line(epoch: int, epochs: int, stats: dict, metrics: dict, improved:
     if metrics:
         parts += [f"val mAP {metrics['val_mAP']:.3f}", f"mAP50 {metrics['val_mAP50']:.3f}"]
     return "  ".join(parts) + ("  *best*" if improved else "")
-
-
-def _numpy_target(target: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {"boxes": target["boxes"].numpy().astype(np.float32), "labels": target["labels"].numpy()}
 
 
 def _cpus() -> int:
