@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainer.cli import main as cli
+from trainer.commands import main as cli
 
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd" / "bccd_cvat11.zip"
 ANCHOR_MAP50 = 0.929

@@ -67,7 +67,7 @@ def make_export(folder: Path, objects: int, seed: int = 0) -> Path:
 
 
 def run_ours(data, out: Path, workers: int) -> int:
-    from trainer.crop import CropOptions, crop_annotations
+    from trainer.crop.exporter import CropOptions, crop_annotations
 
     return crop_annotations(data, out, CropOptions(workers=workers, progress=False)).total
 
@@ -89,7 +89,7 @@ def run_baseline(data, out: Path, workers: int) -> int:
 
 def child(kind: str, export: str, out: str, workers: int) -> None:
     """Subprocess body: read the export (untimed), crop it (timed, memory sampled), print JSON."""
-    from trainer.readers import load_dataset
+    from trainer.data.readers import load_dataset
 
     data = load_dataset([export])
     before, peak, done = rss(), [0], threading.Event()

@@ -1,4 +1,4 @@
-"""Reading a large CVAT export: trainer.readers.load_dataset vs datumaro's CVAT importer.
+"""Reading a large CVAT export: trainer.data.readers.load_dataset vs datumaro's CVAT importer.
 
 The export: an unpacked "CVAT for images 1.1" project export with 100 000 boxes (2 000 images x
 50 boxes, CVAT's exact XML layout) and a small 1920x1080 JPEG per image at images/<name>.
@@ -43,7 +43,7 @@ def write_export(folder: Path, images: int, boxes: int) -> int:
     """annotations.xml (meta from the synthetic generator) and images/<name>; the box count."""
     from PIL import Image
 
-    from trainer.synth import generate
+    from trainer.data.synth import generate
 
     sample = generate(folder.parent / "sample", train=1, val=1, empty=0, formats=["cvat"],
                       zipped=False)  # fmt: skip
@@ -73,7 +73,7 @@ def child(side: str, folder: str) -> None:
     """Runs in a fresh process: import, then time the load alone; prints one JSON line."""
     if side.startswith("ours"):
         sys.path.insert(0, str(ROOT))
-        from trainer.readers import load_dataset
+        from trainer.data.readers import load_dataset
 
         def load() -> tuple[int, int]:
             data = load_dataset([folder])

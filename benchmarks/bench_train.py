@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from serverless.architectures import build_model
-from trainer.config import TrainConfig
-from trainer.dataset import DetectionDataset, GroupedBatchSampler, collate
-from trainer.engine import Precision, train_one_epoch
-from trainer.readers import load_dataset
-from trainer.synth import generate
-from trainer.train import make_scheduler
+from trainer.data.readers import load_dataset
+from trainer.data.synth import generate
+from trainer.training.config import TrainConfig
+from trainer.training.dataset import DetectionDataset, GroupedBatchSampler, collate
+from trainer.training.engine import Precision, train_one_epoch
+from trainer.training.run import make_scheduler
 
 
 class ReferenceDataset(Dataset):

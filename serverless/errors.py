@@ -1,4 +1,4 @@
-"""Errors of the runtime that callers turn into clear messages (CLI exit 2, HTTP 4xx).
+"""Every error that reaches a person as one clear line: CLI exit code 2, HTTP 4xx from the function.
 
 Kept free of heavy imports so that ``trainer``'s CLI can name them without loading torch.
 """
@@ -14,3 +14,11 @@ class BundleError(ValueError):
 
 class UnknownArchitectureError(ValueError):
     """An architecture name that is not registered."""
+
+
+class UserError(Exception):
+    """Bad input or configuration: the message names the file or field and what was expected."""
+
+
+#: What the CLI prints as ``error: <message>`` with exit code 2 instead of a traceback.
+USER_ERRORS = (UserError, BundleError, ImageDecodeError, UnknownArchitectureError)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.synth import generate
+from trainer.data.synth import generate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

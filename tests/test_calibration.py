@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer.calibration import FALLBACK_THRESHOLD, calibrate_thresholds
+from trainer.evaluation.calibration import FALLBACK_THRESHOLD, calibrate_thresholds
 
 LABELS = ["cell", "debris"]
 

@@ -13,16 +13,16 @@ import pytest
 from PIL import Image
 
 from serverless.detector import Detector
+from serverless.errors import UserError
 from serverless.imageio import read_image
 from tests.factories import make_bundle
-from trainer.cli import main
-from trainer.crop import CropOptions, crop_annotations, crop_detections
-from trainer.crop_output import COLUMNS
-from trainer.crop_paths import image_stems, unique_names
-from trainer.errors import UserError
-from trainer.readers import load_dataset
-from trainer.records import DetectionData, ImageRecord, Shape
-from trainer.synth import generate
+from trainer.commands import main
+from trainer.crop.exporter import CropOptions, crop_annotations, crop_detections
+from trainer.crop.output import COLUMNS
+from trainer.crop.paths import image_stems, unique_names
+from trainer.data.readers import load_dataset
+from trainer.data.records import DetectionData, ImageRecord, Shape
+from trainer.data.synth import generate
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from trainer.crop import CropOptions, crop_annotations
-from trainer.crop_geometry import CropSpec, upright_box
-from trainer.readers.geometry import ellipse_polygon, rotated_envelope
-from trainer.records import DetectionData, ImageRecord, Shape
+from trainer.crop.exporter import CropOptions, crop_annotations
+from trainer.crop.geometry import CropSpec, upright_box
+from trainer.data.readers.geometry import ellipse_polygon, rotated_envelope
+from trainer.data.records import DetectionData, ImageRecord, Shape
 
 W, H = 160, 120
 GREY = (7, 8, 9)

@@ -14,7 +14,7 @@ import pytest
 
 from serverless.imageio import decode_image
 from tests.factories import make_bundle
-from trainer.package import package_function
+from trainer.deploy.nuclio import package_function
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy_gpu.sh"

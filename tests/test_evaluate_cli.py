@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.factories import make_bundle
-from trainer.cli import main
+from trainer.commands import main
 
 
 @pytest.fixture(scope="module")

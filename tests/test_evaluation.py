@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from serverless.detector import Detections
-from trainer.calibration import calibrate_thresholds
-from trainer.evaluation import evaluate_detections, predict_records, record_target
-from trainer.records import ImageRecord, Shape
-from trainer.report import format_table, write_reports
+from trainer.data.records import ImageRecord, Shape
+from trainer.evaluation.calibration import calibrate_thresholds
+from trainer.evaluation.metrics import evaluate_detections, predict_records, record_target
+from trainer.evaluation.report import format_table, write_reports
 
 LABELS = ["cell", "debris"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from trainer.cli import main
+from trainer.commands import main
 
 
 def test_json_summary_of_bccd(bccd_dir, capsys):

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from serverless.bundle import BundleInfo
+from serverless.errors import UserError
 from tests.factories import make_bundle
-from trainer import package
-from trainer.cli import main
-from trainer.errors import UserError
-from trainer.package import function_name, label_spec, package_function
+from trainer.commands import main
+from trainer.deploy import nuclio as package
+from trainer.deploy.nuclio import function_name, label_spec, package_function
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.calibration import calibrate_thresholds
-from trainer.plots import HISTORY_CSV, draw_predictions, plot_history, write_plots
+from trainer.evaluation.calibration import calibrate_thresholds
+from trainer.evaluation.plots import HISTORY_CSV, draw_predictions, plot_history, write_plots
 
 LABELS = ["cell", "debris"]
 

@@ -16,8 +16,8 @@ from faster_coco_eval.core import mask as mask_utils
 from serverless.detector import Detector
 from serverless.imageio import read_image
 from tests.factories import make_bundle
-from trainer.cli import main
-from trainer.predict import draw_preview, find_images, predict_folder
+from trainer.commands import main
+from trainer.inference import draw_preview, find_images, predict_folder
 
 
 class BrightObjects(torch.nn.Module):

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from trainer.errors import UserError
-from trainer.readers import load_dataset
-from trainer.readers.parsed import DEGENERATE, NOT_SELECTED, UNANNOTATED, UNSELECTED
+from serverless.errors import UserError
+from trainer.data.readers import load_dataset
+from trainer.data.readers.parsed import DEGENERATE, NOT_SELECTED, UNANNOTATED, UNSELECTED
 
 
 def boxes_by_key(data) -> dict:
@@ -39,7 +39,7 @@ def test_synthetic_box_export_both_formats_agree(synth_exports, tmp_path):
 
 
 def test_unpacked_folder_reads_like_the_zip(tmp_path):
-    from trainer.synth import generate
+    from trainer.data.synth import generate
 
     zipped = generate(tmp_path / "z", train=3, val=1, empty=0, size=(96, 96))
     folder = generate(tmp_path / "f", train=3, val=1, empty=0, size=(96, 96), zipped=False)

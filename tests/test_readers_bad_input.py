@@ -9,9 +9,9 @@ import zipfile
 import pytest
 from PIL import Image
 
-from trainer.errors import UserError
-from trainer.readers import load_dataset
-from trainer.readers.archive import extract_zip
+from serverless.errors import UserError
+from trainer.data.readers import load_dataset
+from trainer.data.readers.archive import extract_zip
 
 BOX = '<box label="a" source="manual" occluded="0" xtl="1" ytl="1" xbr="5" ybr="5" z_order="0"/>'
 

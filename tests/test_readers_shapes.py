@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from faster_coco_eval.core import mask as mask_utils
 
-from trainer.readers import load_dataset
-from trainer.readers.geometry import rotated_envelope
-from trainer.readers.masks import decode_coco_rle, decode_cvat_rle
-from trainer.readers.parsed import CLIPPED, DEGENERATE, GROUPED, ROTATED
+from trainer.data.readers import load_dataset
+from trainer.data.readers.geometry import rotated_envelope
+from trainer.data.readers.masks import decode_coco_rle, decode_cvat_rle
+from trainer.data.readers.parsed import CLIPPED, DEGENERATE, GROUPED, ROTATED
 
 # A hand-made 4x3 mask and its CVAT RLE, run by run (row-major, first run counts zeros):
 # rows 0110 / 0111 / 0001  ->  1 zero, 2 ones, 2 zeros, 3 ones, 3 zeros, 1 one

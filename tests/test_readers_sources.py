@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainer import cvat_server
-from trainer.data_args import add_data_arguments, load_from_args, split_from_args
-from trainer.errors import UserError
+from serverless.errors import UserError
+from trainer.cvat import download as cvat_server
+from trainer.data.options import add_data_arguments, load_from_args, split_from_args
 
 
 def parse(*argv: str) -> argparse.Namespace:

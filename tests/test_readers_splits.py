@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.errors import UserError
-from trainer.records import DetectionData, ImageRecord, Shape
-from trainer.splits import split_dataset
+from serverless.errors import UserError
+from trainer.data.records import DetectionData, ImageRecord, Shape
+from trainer.data.splits import split_dataset
 
 
 def dataset(**subsets: int) -> DetectionData:

@@ -24,8 +24,8 @@ from cvat_sdk.datasets.common import MediaElement, Sample
 from cvat_sdk.masks import decode_mask
 
 from serverless.imageio import decode_image
-from serverless.sdk_function import BundleFunction, create
 from tests.factories import make_bundle
+from trainer.cvat.sdk_function import BundleFunction, create
 
 LABELS = ["cell", "debris"]
 

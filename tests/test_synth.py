@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from faster_coco_eval.core import mask as mask_utils
 
-from trainer.cli import main
-from trainer.synth import coco_rle, cvat_rle, generate
+from trainer.commands import main
+from trainer.data.synth import coco_rle, cvat_rle, generate
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -92,7 +92,7 @@ def test_rle_helpers_follow_cvat_and_coco_conventions():
 @pytest.mark.parametrize("shapes", ["box", "polygon", "mask"])
 def test_objects_are_drawn_in_their_label_colour(tmp_path, shapes):
     from serverless.imageio import read_image
-    from trainer.readers import load_dataset
+    from trainer.data.readers import load_dataset
 
     path = generate(tmp_path, train=2, val=1, empty=0, shapes=shapes, formats=["cvat"])["cvat"]
     data = load_dataset([path], cache_dir=tmp_path / "cache")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from serverless.detector import Detector
-from trainer import engine
-from trainer.cli import main
-from trainer.synth import generate
+from trainer.commands import main
+from trainer.data.synth import generate
+from trainer.training import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--arch", "fasterrcnn_mobilenet_v3_large_fpn", "--weights", "none", "--device", "cpu",
@@ -97,10 +97,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_export, tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("trainer.train.train_one_epoch", crash_in_third_epoch)
+    monkeypatch.setattr("trainer.training.run.train_one_epoch", crash_in_third_epoch)
     assert main(_tiny(tiny_export, tmp_path / "crashed")) == 130
     assert not (tmp_path / "crashed" / "model.json").exists()
-    monkeypatch.setattr("trainer.train.train_one_epoch", real)
+    monkeypatch.setattr("trainer.training.run.train_one_epoch", real)
     assert main(_tiny(tiny_export, tmp_path / "crashed", "--resume")) == 0
     a = torch.load(tmp_path / "straight" / "weights.pt", weights_only=True)
     b = torch.load(tmp_path / "crashed" / "weights.pt", weights_only=True)

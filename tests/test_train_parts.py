@@ -10,11 +10,11 @@ from torchvision import tv_tensors
 
 from serverless.architectures import build_model
 from serverless.bundle import BundleInfo, save_bundle
-from trainer.config import TrainConfig, apply_config_file, config_from_args
-from trainer.dataset import GroupedBatchSampler
-from trainer.errors import UserError
-from trainer.transforms import RandomRot90, train_size_range
-from trainer.weights import build_from, resolve
+from serverless.errors import UserError
+from trainer.training.config import TrainConfig, apply_config_file, config_from_args
+from trainer.training.dataset import GroupedBatchSampler
+from trainer.training.transforms import RandomRot90, train_size_range
+from trainer.training.weights import build_from, resolve
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

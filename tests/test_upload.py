@@ -20,10 +20,11 @@ from cvat_sdk.api_client.exceptions import ApiException, NotFoundException
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
 
 from serverless.detector import Detector
+from serverless.errors import UserError
 from tests.factories import make_bundle
-from trainer import cvat_server
-from trainer.cli import main
-from trainer.cvat_upload import (
+from trainer.commands import main
+from trainer.cvat import download as cvat_server
+from trainer.cvat.upload import (
     UploadOptions,
     annotated_frames,
     find_tasks,
@@ -31,7 +32,6 @@ from trainer.cvat_upload import (
     server_errors,
     upload_predictions,
 )
-from trainer.errors import UserError
 
 
 class BrightObjects(torch.nn.Module):

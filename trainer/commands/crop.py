@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from serverless.detector import Detector
-    from trainer.crop import CropSummary
-    from trainer.records import DetectionData
+    from trainer.crop.exporter import CropSummary
+    from trainer.data.records import DetectionData
 
 HELP = "export every object as an image file plus metadata.csv (for classifier training)"
 
@@ -53,7 +53,7 @@ def _workers(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.data_args import add_data_arguments
+    from trainer.data.options import add_data_arguments
 
     add_data_arguments(parser)
     parser.add_argument("--out", "-o", required=True, metavar="OUT", help="folder for the crops")
@@ -114,9 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.crop import CropOptions, crop_annotations, crop_detections
-    from trainer.crop_geometry import CropSpec
-    from trainer.errors import UserError
+    from serverless.errors import UserError
+    from trainer.crop.exporter import CropOptions, crop_annotations, crop_detections
+    from trainer.crop.geometry import CropSpec
 
     if args.mask_alpha and args.format == "source":
         raise UserError("--mask-alpha writes RGBA PNG files; it cannot go with --format source")
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_detection_args(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from trainer.errors import UserError
+    from serverless.errors import UserError
 
     if not args.images:
         raise UserError("--model needs --images DIR: the folder of images to run it on")
@@ -167,7 +167,7 @@ def _check_detection_args(args: argparse.Namespace) -> None:
 
 
 def _check_annotation_args(args: argparse.Namespace) -> None:
-    from trainer.errors import UserError
+    from serverless.errors import UserError
 
     given = [f"--{n}" for n in ("images", "threshold") if getattr(args, n) is not None]
     if given:
@@ -178,8 +178,8 @@ def _load_detector(run_dir: str, device: str, labels: list[str] | None) -> Detec
     """The model, once its labels are known to cover --labels (loading weights takes a while)."""
     from serverless.bundle import load_info
     from serverless.detector import Detector
-    from trainer.crop import check_labels
-    from trainer.errors import UserError
+    from serverless.errors import UserError
+    from trainer.crop.exporter import check_labels
 
     check_labels(labels, load_info(run_dir).labels)
     try:
@@ -191,7 +191,7 @@ def _load_detector(run_dir: str, device: str, labels: list[str] | None) -> Detec
 def _load_all_labels(args: argparse.Namespace) -> DetectionData:
     """The data with every label: --labels is applied by the crop exporter itself, so an object
     without an export id keeps the same index (and file name) whichever labels are selected."""
-    from trainer.data_args import load_from_args
+    from trainer.data.options import load_from_args
 
     return load_from_args(argparse.Namespace(**{**vars(args), "labels": None}))
 

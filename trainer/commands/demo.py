@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.cli import main
+    from trainer.commands import main
 
     out = Path(args.out)
     if out.exists():
@@ -85,7 +85,7 @@ def _banner(number: int, total: int, title: str, argv: list[str] | None = None) 
 
 def _held_out_frame(export: Path) -> Path:
     """A Validation image: the model never trained on it."""
-    from trainer.readers import load_dataset
+    from trainer.data.readers import load_dataset
 
     data = load_dataset([export])
     return next(r.path for r in data.images if r.subset.lower() == "validation")

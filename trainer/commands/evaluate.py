@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainer.records import DetectionData, ImageRecord
+    from trainer.data.records import DetectionData, ImageRecord
 
 HELP = "COCO mAP, per-class AP and calibrated thresholds of a bundle on annotated data"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.data_args import add_data_arguments
+    from trainer.data.options import add_data_arguments
 
     parser.add_argument(
         "run", metavar="RUN", help="trained run / bundle directory (has model.json)"
@@ -53,11 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from serverless.bundle import load_info
     from serverless.detector import Detector, pick_device
-    from trainer import plots, report
-    from trainer.calibration import calibrate_thresholds
-    from trainer.data_args import load_from_args
-    from trainer.errors import UserError
-    from trainer.evaluation import evaluate_detections, predict_records
+    from serverless.errors import UserError
+    from trainer.data.options import load_from_args
+    from trainer.evaluation import plots, report
+    from trainer.evaluation.calibration import calibrate_thresholds
+    from trainer.evaluation.metrics import evaluate_detections, predict_records
 
     info = load_info(args.run)  # a clear error before any data is read
     if args.iou_type == "segm" and info.shape_type != "mask":
@@ -105,8 +105,8 @@ def _select(
     The default validation split is recomputed with the training run's seed, so a seeded split
     (no Validation subset in the data) gives the same images training held out.
     """
-    from trainer.data_args import split_from_args
-    from trainer.errors import UserError
+    from serverless.errors import UserError
+    from trainer.data.options import split_from_args
 
     if args.subset is None:
         args.seed = seed
@@ -131,7 +131,7 @@ def _check_labels(records: list[ImageRecord], model_labels: list[str]) -> None:
     """Say which labels cannot be scored; refuse when the data and model share none."""
     from collections import Counter
 
-    from trainer.errors import UserError
+    from serverless.errors import UserError
 
     counts = Counter(s.label for im in records for s in im.shapes)
     unknown = sorted(set(counts) - set(model_labels))

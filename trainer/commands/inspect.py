@@ -16,7 +16,7 @@ HELP = "summarise CVAT exports (images, objects per label, skipped shapes)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.data_args import add_data_arguments
+    from trainer.data.options import add_data_arguments
 
     add_data_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from trainer.data_args import load_from_args, split_from_args
-    from trainer.readers import format_summary
+    from trainer.data.options import load_from_args, split_from_args
+    from trainer.data.readers import format_summary
 
     data = load_from_args(args, require_images=False)
     summary = data.summary()

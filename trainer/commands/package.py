@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.package import package_function
+    from trainer.deploy.nuclio import package_function
 
     done = package_function(
         args.run, args.out, name=args.name, cpu=args.cpu, overwrite=args.overwrite

@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.errors import UserError
+    from serverless.errors import UserError
 
     if args.images is not None:
         if args.tasks or args.project is not None or args.dry_run:
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_folder(args: argparse.Namespace) -> int:
     from serverless.detector import Detector
-    from trainer.errors import UserError
-    from trainer.predict import find_images, predict_folder, summary_lines, write_json
+    from serverless.errors import UserError
+    from trainer.inference import find_images, predict_folder, summary_lines, write_json
 
     root: Path = args.images
     if not root.is_dir():
@@ -117,15 +117,15 @@ def _run_folder(args: argparse.Namespace) -> int:
 
 def _run_server(args: argparse.Namespace) -> int:
     from serverless.detector import Detector
-    from trainer.cvat_server import connect
-    from trainer.cvat_upload import (
+    from serverless.errors import UserError
+    from trainer.cvat.download import connect
+    from trainer.cvat.upload import (
         UploadOptions,
         find_tasks,
         report_lines,
         server_errors,
         upload_predictions,
     )
-    from trainer.errors import UserError
 
     options = UploadOptions(
         threshold=args.threshold,

@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from trainer.readers import format_summary, load_dataset
-    from trainer.synth import generate
+    from trainer.data.readers import format_summary, load_dataset
+    from trainer.data.synth import generate
 
     formats = ("cvat", "coco") if args.format == "both" else (args.format,)
     written = generate(

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 
 from serverless.architectures import ARCHITECTURES, DEFAULT_ARCH
-from trainer.config import TrainConfig
+from trainer.training.config import TrainConfig
 
 HELP = "train a detector and write a model bundle (runs/NAME)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.data_args import add_data_arguments
+    from trainer.data.options import add_data_arguments
 
     add_data_arguments(parser)
     d = TrainConfig()
@@ -67,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.config import apply_config_file, config_from_args
-    from trainer.data_args import load_from_args, split_from_args
-    from trainer.readers import format_summary
-    from trainer.train import check_run_dir, train
+    from trainer.data.options import load_from_args, split_from_args
+    from trainer.data.readers import format_summary
+    from trainer.training.config import apply_config_file, config_from_args
+    from trainer.training.run import check_run_dir, train
 
     apply_config_file(args, args._parser)
     config = config_from_args(args)

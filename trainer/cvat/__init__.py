@@ -1,0 +1,1 @@
+"""Everything that talks to a CVAT server through cvat-sdk: download, upload, the auto-annotation function."""

@@ -1,0 +1,252 @@
+"""Upload a bundle's detections into CVAT tasks through cvat-sdk: the pre-annotation loop.
+
+By default only frames nobody has annotated get detections: a frame with any shape, tag or track on
+it is human work and is left alone. Existing annotations are never deleted. A label suffix ("_NV",
+not validated) keeps predictions apart from validated labels until a person confirms them. Shapes
+are written in batches of frames, so an interrupted run keeps what it sent and a rerun carries on
+with the frames still empty. Every cvat-sdk call of the upload lives in this module.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from cvat_sdk import models
+from cvat_sdk.api_client.exceptions import ApiException, ForbiddenException, NotFoundException
+from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
+from tqdm import tqdm
+
+from serverless.detector import Detector
+from serverless.errors import UserError
+from serverless.imageio import ImageDecodeError, decode_image
+from trainer.cvat.sdk_function import to_shapes
+from trainer.inference import prefetch
+
+
+@dataclass
+class UploadOptions:
+    threshold: float | None = None  # None: the bundle's calibrated thresholds
+    label_suffix: str = ""  # appended to each model label to name the task label, e.g. "_NV"
+    all_frames: bool = False  # also frames that already have annotations (never deleting them)
+    create_labels: bool = False  # add missing target labels to the task (or its project)
+    polygons: bool = False  # masks as polygons (mask bundles)
+    dry_run: bool = False  # detect and report, send nothing
+    batch_frames: int = 50  # frames per request
+
+
+@dataclass
+class TaskReport:
+    """What one task got (or would get, in a dry run)."""
+
+    task_id: int
+    name: str
+    predicted: int = 0  # frames detected on
+    skipped: int = 0  # frames left alone because they already had annotations
+    failed: list[str] = field(default_factory=list)  # unreadable frames
+    shapes: Counter[str] = field(default_factory=Counter)  # per task label name
+    missing: Counter[str] = field(default_factory=Counter)  # detections of labels the task lacks
+    created: list[str] = field(default_factory=list)  # labels added (or to be added)
+
+
+@contextmanager
+def server_errors(url: str) -> Iterator[None]:
+    """CVAT's HTTP and connection errors as one clear line instead of a traceback."""
+    from urllib3.exceptions import HTTPError
+
+    rerun = "shapes already sent stay in their tasks; run again to continue with the empty frames"
+    try:
+        yield
+    except ApiException as exc:
+        raise UserError(
+            f"{url}: the CVAT server answered {exc.status} {exc.reason}; {rerun}"
+        ) from exc
+    except HTTPError as exc:
+        raise UserError(f"{url}: cannot reach the CVAT server ({exc}); {rerun}") from exc
+
+
+def find_tasks(client: Any, task_ids: Iterable[int] = (), project_id: int | None = None) -> list:
+    """The tasks named by id, or every task of a project, as cvat-sdk Task proxies."""
+    try:
+        if project_id is not None:
+            tasks = client.projects.retrieve(project_id).get_tasks()
+            if not tasks:
+                raise UserError(f"project {project_id} has no tasks")
+            return sorted(tasks, key=lambda t: t.id)
+        return [client.tasks.retrieve(task_id) for task_id in task_ids]
+    except (NotFoundException, ForbiddenException) as exc:
+        what = f"project {project_id}" if project_id is not None else "a task in --tasks"
+        raise UserError(f"{what} does not exist or you may not access it ({exc.status})") from exc
+
+
+def upload_predictions(
+    client: Any, detector: Detector, tasks: list, options: UploadOptions
+) -> Iterator[TaskReport]:
+    """Detect on each task's eligible frames and write the shapes (or report them, dry run);
+    yields each task's report as soon as the task is done."""
+    for task in tasks:
+        yield upload_task(client, detector, task, options)
+
+
+def upload_task(client: Any, detector: Detector, task: Any, options: UploadOptions) -> TaskReport:
+    """Detect on one task's eligible frames and send the shapes, ``batch_frames`` at a time."""
+    report = TaskReport(task.id, task.name)
+    shape_type = "mask" if detector.has_masks else "rectangle"
+    if detector.has_masks and options.polygons:
+        shape_type = "polygon"
+    label_ids, id_names = resolve_labels(client, task, detector.labels, shape_type, options, report)
+    frames = eligible_frames(task, options.all_frames, report)
+    batch: list[models.LabeledShapeRequest] = []
+    batch_frames = 0
+    loaded = prefetch(lambda i: (i, _fetch(task, i)), frames)
+    for index, image in tqdm(loaded, total=len(frames), desc=f"task {task.id}", unit="frame"):
+        if isinstance(image, ImageDecodeError):
+            report.failed.append(str(image))
+            continue
+        detections = detector.detect(image, options.threshold)
+        shapes = to_shapes(detections, label_ids, polygons=options.polygons)
+        report.missing.update(label for label in detections.labels if label not in label_ids)
+        for shape in shapes:
+            shape.frame, shape.source = index, "auto"
+        counts = Counter(id_names[s.label_id] for s in shapes)
+        report.shapes.update(counts)
+        report.predicted += 1
+        if options.dry_run:
+            name = f" ({frames[index]})" if frames[index] else ""
+            tqdm.write(f"task {task.id} frame {index}{name}: {_counts(counts) or 'nothing'}")
+            continue
+        batch += shapes
+        batch_frames += 1
+        if batch_frames == options.batch_frames:
+            send_shapes(task, batch)
+            batch, batch_frames = [], 0
+    send_shapes(task, batch)
+    return report
+
+
+def resolve_labels(
+    client: Any,
+    task: Any,
+    model_labels: list[str],
+    shape_type: str,
+    options: UploadOptions,
+    report: TaskReport,
+) -> tuple[dict[str, int], dict[int, str]]:
+    """Map model label -> task label id by name (+ suffix); create or refuse missing ones."""
+    by_name = {label.name: label for label in task.get_labels()}
+    targets = {name: name + options.label_suffix for name in model_labels}
+    absent = {m: t for m, t in targets.items() if t not in by_name}
+    if absent and options.label_suffix and not options.create_labels:
+        raise UserError(
+            f"task {task.id} ({task.name!r}) has no label(s) "
+            f"{', '.join(map(repr, absent.values()))}; add them in CVAT or pass --create-labels"
+        )
+    if absent and options.create_labels:
+        report.created = list(absent.values())
+        if not options.dry_run:
+            specs = [_new_label(t, by_name.get(m), shape_type) for m, t in absent.items()]
+            add_labels(client, task, specs)
+            by_name = {label.name: label for label in task.get_labels()}
+    for model_label, target in targets.items():
+        label = by_name.get(target)
+        if label is not None and label.type not in ("any", shape_type):
+            raise UserError(
+                f"task {task.id}: label {target!r} is of type {label.type!r}, but this model "
+                f"writes {shape_type!r} shapes (model label {model_label!r})"
+            )
+    label_ids = {m: by_name[t].id for m, t in targets.items() if t in by_name}
+    if options.dry_run and options.create_labels:  # labels to be created get unused ids
+        unused = max((label.id for label in by_name.values()), default=0) + 1
+        label_ids |= {m: unused + i for i, m in enumerate(absent)}
+    id_names = {label_ids[m]: targets[m] for m in label_ids}
+    return label_ids, id_names
+
+
+def _new_label(name: str, base: Any, shape_type: str) -> models.PatchedLabelRequest:
+    """A label like its validated counterpart (same type) if that takes the model's shapes, else
+    of the type the model writes."""
+    usable = base is not None and base.type in ("any", shape_type)
+    return models.PatchedLabelRequest(name=name, type=base.type if usable else shape_type)
+
+
+def add_labels(client: Any, task: Any, specs: list[models.PatchedLabelRequest]) -> None:
+    """Add labels where the task's labels live: its project's when it has one."""
+    if task.project_id:
+        client.projects.retrieve(task.project_id).update(
+            models.PatchedProjectWriteRequest(labels=specs)
+        )
+    else:
+        task.update(models.PatchedTaskWriteRequest(labels=specs))
+
+
+def eligible_frames(task: Any, all_frames: bool, report: TaskReport) -> dict[int, str]:
+    """Frames to predict on (number -> file name, "" for video frames): not deleted and,
+    unless ``all_frames``, not annotated."""
+    meta = task.get_meta()
+    deleted = set(meta.deleted_frames)
+    per_image = len(meta.frames) == meta.size
+    live = {
+        i: meta.frames[i].name if per_image else "" for i in range(meta.size) if i not in deleted
+    }
+    if all_frames:
+        return live
+    annotated = annotated_frames(task.get_annotations(), meta.size)
+    frames = {i: name for i, name in live.items() if i not in annotated}
+    report.skipped = len(live) - len(frames)
+    return frames
+
+
+def annotated_frames(annotations: Any, size: int) -> set[int]:
+    """Frames carrying any tag, shape, or track position (tracks cover frames until 'outside')."""
+    frames = {tag.frame for tag in annotations.tags}
+    frames |= {shape.frame for shape in annotations.shapes}
+    for track in annotations.tracks:
+        keyframes = sorted(track.shapes, key=lambda s: s.frame)
+        for key, following in zip(keyframes, [*keyframes[1:], None], strict=True):
+            if not key.outside:
+                frames.update(range(key.frame, following.frame if following else size))
+    return frames
+
+
+def _fetch(task: Any, index: int) -> Any:
+    """The original frame file, decoded as the function decodes it (or the decode error)."""
+    data = task.get_frame(index, quality="original").read()
+    try:
+        return decode_image(data, source=f"task {task.id} frame {index}")
+    except ImageDecodeError as exc:
+        return exc
+
+
+def send_shapes(task: Any, shapes: list[models.LabeledShapeRequest]) -> None:
+    """Add shapes to the task; existing annotations stay as they are."""
+    if shapes:
+        task.update_annotations(
+            models.PatchedLabeledDataRequest(shapes=shapes), action=AnnotationUpdateAction.CREATE
+        )
+
+
+def _counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+
+
+def report_lines(report: TaskReport, dry_run: bool) -> list[str]:
+    """The per-task summary the command prints."""
+    verb = "would write" if dry_run else "wrote"
+    lines = [
+        f"task {report.task_id} ({report.name}): {report.predicted} frame(s) predicted, "
+        f"{report.skipped} already annotated (left alone); {verb} "
+        f"{sum(report.shapes.values())} shape(s): {_counts(report.shapes) or '-'}"
+    ]
+    if report.created:
+        created = ", ".join(report.created)
+        lines.append(f"  {'would create' if dry_run else 'created'} label(s): {created}")
+    if report.missing:
+        lines.append(
+            f"  model labels missing from task {report.task_id}, not uploaded: "
+            f"{_counts(report.missing)} detection(s)"
+        )
+    lines += [f"  skipped {reason}" for reason in report.failed]
+    return lines

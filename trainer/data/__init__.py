@@ -1,0 +1,1 @@
+"""Annotated data: CVAT export readers, in-memory records, splits, the synthetic generator, data options."""

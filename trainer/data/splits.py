@@ -1,0 +1,88 @@
+"""Train/val/test split: CVAT subsets decide when they say so, otherwise a seeded split.
+
+The split must not change between runs (evaluation would compare models on different images), so
+the seeded split sorts images by (subset, name) before shuffling with its own generator.
+"""
+
+from __future__ import annotations
+
+import random
+
+from serverless.errors import UserError
+from trainer.data.records import DetectionData, ImageRecord
+
+ROLES = ("train", "val", "test")
+#: CVAT subset names (case-insensitive) that assign a role without --subset-map.
+KNOWN_SUBSETS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+def split_dataset(
+    data: DetectionData,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    subset_map: dict[str, str] | None = None,
+) -> dict[str, list[ImageRecord]]:
+    """{"train", "val", "test"} image lists.
+
+    Subsets Train/Validation/Test (also val, valid; any case) and those named in ``subset_map``
+    give their images a role; images of other subsets (e.g. "default") count as train. When no
+    subset says val, ``val_fraction`` of the train images become val (seeded); when none says
+    test, ``test_fraction`` of them become test.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    roles = _roles(subset_map)
+    groups: dict[str | None, list[ImageRecord]] = {"train": [], "val": [], "test": [], None: []}
+    for im in data.images:
+        groups[roles.get(im.subset.casefold())].append(im)
+    train, val, test = groups["train"], groups["val"], groups["test"]
+    pool, share = train + groups[None], 1.0
+    if test_fraction > 0 and not test:
+        test, pool = _take(pool, test_fraction, seed)
+        share -= test_fraction
+    if val:
+        train = pool
+    else:
+        val, train = _take(pool, val_fraction / share, seed)
+    if not train:
+        raise UserError(
+            "no training images: every image is in a validation or test subset; "
+            "map a subset to train with --subset-map NAME=train"
+        )
+    return {"train": train, "val": val, "test": test}
+
+
+def _roles(subset_map: dict[str, str] | None) -> dict[str, str]:
+    roles = dict(KNOWN_SUBSETS)
+    for name, role in (subset_map or {}).items():
+        if role not in ROLES:
+            raise UserError(f"--subset-map {name}={role}: the role must be train, val or test")
+        roles[name.casefold()] = role
+    return roles
+
+
+def _take(images: list[ImageRecord], fraction: float, seed: int):
+    """(a seeded ``fraction`` of ``images``, the rest); at least one image each when possible."""
+    if fraction <= 0 or len(images) < 2:
+        return [], list(images)
+    ordered = sorted(images, key=lambda im: im.key)
+    random.Random(seed).shuffle(ordered)
+    count = min(max(1, round(len(ordered) * fraction)), len(ordered) - 1)
+    return ordered[:count], ordered[count:]
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(
+            f"val fraction {val_fraction} and test fraction {test_fraction} must each be in "
+            "[0, 1) and leave some images for training"
+        )

@@ -1,0 +1,1 @@
+"""Turning a bundle into something that serves it: the Nuclio function directory."""

@@ -1,0 +1,241 @@
+"""A trained run → a self-contained Nuclio function directory that CVAT lists and calls.
+
+    DIR/function.yaml   from the template serverless/function.yaml: name, labels, description, image
+    DIR/main.py         the entry point Nuclio loads (spec.handler main:handler)
+    DIR/serverless/     the runtime package (its Python files)
+    DIR/bundle/         model.json, weights.pt, labels.txt (CVAT_DETECTOR_BUNDLE=/opt/nuclio/bundle)
+
+The directory is built under a temporary name beside DIR and renamed into place, so DIR is either
+the previous function or the complete new one. Several models live side by side under their names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import serverless
+from serverless.bundle import MODEL_JSON, WEIGHTS, BundleError, BundleInfo, load_info, load_model
+from serverless.errors import UserError
+
+#: Nuclio makes Kubernetes names "nuclio-<name>" that must fit in 63 characters.
+MAX_NAME = 56
+#: The CPU variant: same torch/torchvision as the GPU base image, CPU wheels.
+CPU_BASE_IMAGE = "python:3.11-slim"
+CPU_TORCH = (
+    "pip install --no-cache-dir torch==2.5.1 torchvision==0.20.1 "
+    "--index-url https://download.pytorch.org/whl/cpu"
+)
+CPU_EVENT_TIMEOUT = "120s"
+#: Python inside the base images we name, which spec.runtime must match.
+IMAGE_PYTHON = {
+    "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime": "3.11",
+    CPU_BASE_IMAGE: "3.11",
+}
+ENTRY_POINT = '''"""Nuclio entry point (spec.handler main:handler): the serverless package's."""
+
+from serverless.main import handler, init_context
+
+__all__ = ["handler", "init_context"]
+'''
+
+
+@dataclass
+class Packaged:
+    """What :func:`package_function` wrote."""
+
+    out: Path
+    name: str  # Nuclio function name (metadata.name), CVAT's function id
+    display_name: str  # what CVAT shows
+    info: BundleInfo
+    cpu: bool
+    runtime_files: list[str]
+
+
+def package_function(
+    run: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    cpu: bool = False,
+    overwrite: bool = False,
+) -> Packaged:
+    """Write the function directory ``out`` for the bundle in ``run``; refuses an existing ``out``
+    unless ``overwrite``."""
+    run, out = Path(run), Path(out)
+    _check_target(run, out, overwrite)
+    info = _load_checked(run)
+    display_name = name or run.resolve().name
+    config = function_config(info, function_name(display_name), display_name, cpu=cpu)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        runtime_files = _write_function(tmp, run, info, config)
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Packaged(out, config["metadata"]["name"], display_name, info, cpu, runtime_files)
+
+
+def function_name(text: str) -> str:
+    """A Nuclio/Kubernetes function name from free text: lowercase letters, digits and '-',
+    starting with a letter, at most :data:`MAX_NAME` characters."""
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if name and not name[0].isalpha():
+        name = f"detector-{name}"
+    name = name[:MAX_NAME].rstrip("-")
+    if not name:
+        raise UserError(
+            f"function name {text!r}: has no letters or digits to build a Nuclio name from; "
+            "pass --name"
+        )
+    return name
+
+
+def function_config(
+    info: BundleInfo, name: str, display_name: str, *, cpu: bool = False
+) -> dict[str, Any]:
+    """The template's configuration filled in for one bundle (see serverless/function.yaml)."""
+    config = yaml.safe_load(template_text())
+    annotations = config["metadata"]["annotations"]
+    spec = config["spec"]
+    build = spec["build"]
+    config["metadata"]["name"] = name
+    annotations["name"] = display_name
+    annotations["spec"] = label_spec(info)
+    spec["description"] = _description(info, display_name, cpu)
+    build["image"] = f"cvat.detector.{name}"
+    if cpu:
+        build["baseImage"] = CPU_BASE_IMAGE
+        build["directives"]["preCopy"].insert(0, {"kind": "RUN", "value": CPU_TORCH})
+        spec["eventTimeout"] = CPU_EVENT_TIMEOUT
+        limits = spec["resources"]["limits"]
+        del limits["nvidia.com/gpu"]
+        if not limits:
+            del spec["resources"]
+    python = IMAGE_PYTHON.get(build["baseImage"])
+    if python and spec["runtime"] != f"python:{python}":
+        raise UserError(
+            f"function.yaml template: spec.runtime {spec['runtime']!r} does not match the "
+            f"Python {python} of base image {build['baseImage']}"
+        )
+    return config
+
+
+def template_text() -> str:
+    """serverless/function.yaml, read as package data (works from a wheel as from the repo)."""
+    return resources.files("serverless").joinpath("function.yaml").read_text(encoding="utf-8")
+
+
+def label_spec(info: BundleInfo) -> str:
+    """The ``spec`` annotation CVAT parses: a JSON list of {"id", "name", "type"}, one per line."""
+    if info.shape_type not in ("rectangle", "mask"):
+        raise UserError(
+            f"model.json: shape_type {info.shape_type!r} is not one CVAT detectors return "
+            "(expected 'rectangle' or 'mask')"
+        )
+    items = [
+        json.dumps({"id": i, "name": label, "type": info.shape_type}, ensure_ascii=False)
+        for i, label in enumerate(info.labels, start=1)
+    ]
+    return "[\n" + ",\n".join(f"  {item}" for item in items) + "\n]\n"
+
+
+def render_yaml(config: dict[str, Any], source: str) -> str:
+    """function.yaml text: the label spec as a readable block, keys in the template's order."""
+    header = (
+        f"# Generated by `python -m trainer package` from {source}.\n"
+        "# To change every future function, edit the template serverless/function.yaml instead.\n"
+    )
+    return header + yaml.dump(
+        config, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=1 << 16
+    )
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings as ``|`` blocks, as hand-written function.yaml files do."""
+
+
+_BlockDumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    ),
+)
+
+
+def _description(info: BundleInfo, display_name: str, cpu: bool) -> str:
+    shown = ", ".join(info.labels[:6]) + (", …" if len(info.labels) > 6 else "")
+    device = "CPU" if cpu else "GPU"
+    return (
+        f"{display_name}: {info.architecture} {info.shape_type} detector for "
+        f"{len(info.labels)} labels ({shown}), trained with cvat-detector; {device}"
+    )
+
+
+def _check_target(run: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    resolved = out.resolve()
+    if resolved == run.resolve() or resolved in run.resolve().parents:
+        raise UserError(f"--out {out}: would replace the run directory {run} itself")
+
+
+def _load_checked(run: Path) -> BundleInfo:
+    """The bundle's description, after checking that its weights load into its architecture."""
+    info = load_info(run)
+    try:
+        load_model(run, "cpu")
+    except BundleError:
+        raise
+    except Exception as exc:  # torch reports corrupt or mismatched weights in many types
+        raise UserError(
+            f"{run / WEIGHTS}: does not load into {info.architecture}: {exc}".splitlines()[0]
+        ) from exc
+    return info
+
+
+def _write_function(tmp: Path, run: Path, info: BundleInfo, config: dict[str, Any]) -> list[str]:
+    """Fill ``tmp`` with the function; returns the runtime modules copied."""
+    (tmp / "function.yaml").write_text(render_yaml(config, str(run)), encoding="utf-8")
+    (tmp / "main.py").write_text(ENTRY_POINT, encoding="utf-8")
+    runtime = tmp / "serverless"
+    runtime.mkdir()
+    modules = sorted(Path(serverless.__file__).parent.glob("*.py"))
+    for module in modules:
+        shutil.copy2(module, runtime / module.name)
+    bundle = tmp / "bundle"
+    bundle.mkdir()
+    for file in (MODEL_JSON, WEIGHTS):
+        shutil.copy2(run / file, bundle / file)
+    (bundle / "labels.txt").write_text("\n".join(info.labels) + "\n", encoding="utf-8")
+    return [m.name for m in modules]
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is swapped out only after."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        raise
+    shutil.rmtree(old)

@@ -1,0 +1,1 @@
+"""A training run: configuration, dataset and augmentations, weights, the epoch loop, checkpoints, DDP."""
