@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from serverless.architectures import get_architecture
 from serverless.bundle import BundleInfo, save_bundle
 
 
@@ -29,7 +30,7 @@ def make_bundle(
     info = BundleInfo(
         architecture=arch,
         labels=labels or ["cell", "debris"],
-        shape_type="mask" if arch.startswith("maskrcnn") else "rectangle",
+        shape_type=get_architecture(arch).shape_type,
         min_size=min_size,
         max_size=max_size,
         detections_per_img=detections_per_img,

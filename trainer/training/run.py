@@ -134,9 +134,7 @@ class Run:
 
     def _build_model(self) -> torch.nn.Module:
         sizes = train_size_range(self.size, self.config.scale_jitter)
-        extra = {}
-        if self.config.arch.startswith(("fasterrcnn", "maskrcnn")):
-            extra["box_batch_size_per_image"] = self.config.roi_batch_size
+        extra = self.spec.training_options(self.config.roi_batch_size)
         model = weights.build_from(
             self.point, self.config.arch, self.data.labels,
             min_size=sizes if len(sizes) > 1 else self.size,
@@ -292,7 +290,7 @@ class Run:
         config = self.config
         return BundleInfo(
             architecture=config.arch, labels=list(self.data.labels),
-            shape_type="mask" if self.spec.masks else "rectangle",
+            shape_type=self.spec.shape_type,
             min_size=self.size, max_size=config.max_size,
             detections_per_img=config.detections_per_img, tile_size=config.tile_size,
             provenance=self._provenance(),

@@ -20,12 +20,6 @@ from serverless.architectures import build_model, get_architecture
 from serverless.bundle import MODEL_JSON, WEIGHTS, load_info
 from serverless.errors import UserError
 
-#: Parameters whose first dimension is laid out by class, for every registered architecture.
-CLASS_PARAMS = re.compile(
-    r"(box_predictor\.(cls_score|bbox_pred)|mask_predictor\.mask_fcn_logits"
-    r"|classification_head\.cls_logits|classification_head\.module_list\.\d+\.1)\.(weight|bias)$"
-)
-
 
 @dataclass
 class StartingPoint:
@@ -80,7 +74,8 @@ def build_from(point: StartingPoint, arch: str, labels: list[str], **model_kwarg
         ) from exc
     if point.state_dict is not None:
         parent = point.parent_labels or labels
-        load_remapped(model, point.state_dict, parent, labels, source=point.source)
+        class_params = get_architecture(arch).class_params
+        load_remapped(model, point.state_dict, parent, labels, class_params, source=point.source)
     return model
 
 
@@ -89,6 +84,7 @@ def load_remapped(
     state: dict[str, torch.Tensor],
     old_labels: list[str],
     new_labels: list[str],
+    class_params: re.Pattern,
     source: str = "weights",
 ) -> None:
     """Load ``state`` into ``model``; class-dependent tensors are mapped row by row by label name."""
@@ -104,7 +100,7 @@ def load_remapped(
     mapping = [0] + [old_index.get(name) for name in new_labels]  # background stays class 0
     for key, new in target.items():
         old = state[key]
-        if CLASS_PARAMS.search(key) and old_labels != new_labels:
+        if class_params.search(key) and old_labels != new_labels:
             target[key] = _remap_rows(key, old, new, mapping, len(old_labels) + 1)
         elif old.shape != new.shape:
             raise UserError(f"{source}: {key} has shape {tuple(old.shape)}, expected {tuple(new.shape)}")
