@@ -1,11 +1,14 @@
 """Detector architectures by name: torchvision models with heads sized for our labels.
 
-Everything the project knows about an architecture lives in its :class:`Architecture` record: the
-torchvision builder and weight enums, default input size, whether it serves masks, how its
+Everything the project knows about an architecture lives in its :class:`Architecture` record: its
+torchvision model name (builder and weights through ``torchvision.models.get_model`` and
+``get_model_weights``), backbone, default input size, whether it serves masks, how its
 class-dependent layers are replaced and recognised, and its training-only options. Adding an
 architecture is adding one record. The bundle stores only the name and the build options, so the
 function rebuilds exactly the network the trainer trained. Pretrained weights are resolved by the
 trainer; here models are built with ``weights=None`` unless a torchvision weight enum is passed in.
+
+The records import nothing heavy, so command-line parsers can list them without loading torch.
 """
 
 from __future__ import annotations
@@ -14,14 +17,12 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
-
-import torch
-from torchvision.models import detection as tvd
-from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
+from typing import TYPE_CHECKING, Any
 
 from serverless.errors import UnknownArchitectureError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _replace_rcnn_heads(model: torch.nn.Module, num_classes: int) -> None:
@@ -42,6 +43,11 @@ def _replace_dense_head(model: torch.nn.Module, num_classes: int) -> None:
 
 
 def _replace_ssdlite_head(model: torch.nn.Module, num_classes: int) -> None:
+    from functools import partial
+
+    import torch
+    from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
+
     old = model.head.classification_head.module_list
     in_channels = [block[0][0].in_channels for block in old]
     anchors = model.anchor_generator.num_anchors_per_location()
@@ -51,6 +57,8 @@ def _replace_ssdlite_head(model: torch.nn.Module, num_classes: int) -> None:
 
 def _like_conv(old: torch.nn.Conv2d, out_channels: int) -> torch.nn.Conv2d:
     """A conv shaped like ``old`` with a new output width, initialised as torchvision does."""
+    import torch
+
     new = torch.nn.Conv2d(old.in_channels, out_channels, old.kernel_size, old.stride, old.padding)
     torch.nn.init.normal_(new.weight, std=0.01)
     torch.nn.init.constant_(new.bias, -math.log((1 - 0.01) / 0.01))
@@ -77,10 +85,8 @@ def _no_training_options(roi_batch_size: int) -> dict[str, Any]:
 class Architecture:
     """One detector family member and everything the project does differently for it."""
 
-    name: str
-    builder: Callable[..., torch.nn.Module]
-    coco_weights: str  # attribute of torchvision.models.detection, e.g. "FasterRCNN_..._Weights"
-    backbone_weights: str  # attribute of torchvision.models: the backbone's ImageNet weights
+    name: str  # torchvision's model name: get_model(name), get_model_weights(name) (COCO)
+    backbone: str  # torchvision's name of the backbone: its ImageNet weights
     replace_heads: Callable[[torch.nn.Module, int], None]  # fresh class layers for N classes
     class_params: re.Pattern  # state_dict keys whose rows are per class (retraining remaps them)
     min_size: int = 800  # default shorter side the model resizes to
@@ -108,32 +114,16 @@ _DENSE = {"replace_heads": _replace_dense_head, "class_params": _DENSE_CLASS_PAR
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in [
+        Architecture("fasterrcnn_resnet50_fpn_v2", "resnet50", **_RCNN),
+        Architecture("fasterrcnn_mobilenet_v3_large_fpn", "mobilenet_v3_large", **_RCNN),
+        Architecture("retinanet_resnet50_fpn_v2", "resnet50", **_DENSE),
+        Architecture("fcos_resnet50_fpn", "resnet50", **_DENSE),
         Architecture(
-            "fasterrcnn_resnet50_fpn_v2", tvd.fasterrcnn_resnet50_fpn_v2,
-            "FasterRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", **_RCNN,
-        ),
-        Architecture(
-            "fasterrcnn_mobilenet_v3_large_fpn", tvd.fasterrcnn_mobilenet_v3_large_fpn,
-            "FasterRCNN_MobileNet_V3_Large_FPN_Weights", "MobileNet_V3_Large_Weights", **_RCNN,
-        ),
-        Architecture(
-            "retinanet_resnet50_fpn_v2", tvd.retinanet_resnet50_fpn_v2,
-            "RetinaNet_ResNet50_FPN_V2_Weights", "ResNet50_Weights", **_DENSE,
-        ),
-        Architecture(
-            "fcos_resnet50_fpn", tvd.fcos_resnet50_fpn,
-            "FCOS_ResNet50_FPN_Weights", "ResNet50_Weights", **_DENSE,
-        ),
-        Architecture(
-            "ssdlite320_mobilenet_v3_large", tvd.ssdlite320_mobilenet_v3_large,
-            "SSDLite320_MobileNet_V3_Large_Weights", "MobileNet_V3_Large_Weights",
+            "ssdlite320_mobilenet_v3_large", "mobilenet_v3_large",
             replace_heads=_replace_ssdlite_head, class_params=_SSDLITE_CLASS_PARAMS,
             min_size=320, max_size=320, fixed_size=True,
         ),
-        Architecture(
-            "maskrcnn_resnet50_fpn_v2", tvd.maskrcnn_resnet50_fpn_v2,
-            "MaskRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", masks=True, **_RCNN,
-        ),
+        Architecture("maskrcnn_resnet50_fpn_v2", "resnet50", masks=True, **_RCNN),
     ]
 }  # fmt: skip
 
@@ -179,10 +169,12 @@ def build_model(
     if trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = trainable_backbone_layers
     kwargs.update(extra)  # training-only knobs of the torchvision constructor
+    from torchvision.models import get_model
+
     if weights is None:
-        model = spec.builder(weights=None, num_classes=num_classes, **kwargs)
+        model = get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     else:
-        model = spec.builder(weights=weights, **kwargs)
+        model = get_model(arch, weights=weights, **kwargs)
         spec.replace_heads(model, num_classes)
     if spec.fixed_size:
         model.transform.fixed_size = (largest, largest)

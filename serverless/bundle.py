@@ -21,8 +21,20 @@ from serverless.errors import BundleError
 
 FORMAT = "cvat-detector-bundle"
 FORMAT_VERSION = 1
+
+# The run directory: the bundle (the first three, all a function needs) and what training leaves
+# beside it. Every file name is defined here once.
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
+LABELS_TXT = "labels.txt"
+RESULTS_TXT = "results.txt"
+METRICS_JSON = "metrics.json"
+HISTORY_CSV = "history.csv"
+CONFIG_YAML = "config.yaml"
+PLOTS = "plots"
+LAST_CHECKPOINT = "checkpoints/last.pt"
+BEST_CHECKPOINT = "checkpoints/best.pt"
+BUNDLE_FILES = (MODEL_JSON, WEIGHTS, LABELS_TXT)
 
 
 @dataclass
@@ -108,7 +120,7 @@ def save_bundle(bundle_dir: str | Path, info: BundleInfo, state_dict: dict[str, 
     atomic_write(bundle_dir / WEIGHTS, lambda f: torch.save(weights, f))
     atomic_write(bundle_dir / MODEL_JSON, lambda f: f.write(info.to_json().encode()))
     atomic_write(
-        bundle_dir / "labels.txt", lambda f: f.write(("\n".join(info.labels) + "\n").encode())
+        bundle_dir / LABELS_TXT, lambda f: f.write(("\n".join(info.labels) + "\n").encode())
     )
 
 

@@ -8,14 +8,15 @@ from types import SimpleNamespace
 import pytest
 
 from serverless.errors import UserError
+from trainer.commands import add_options, read_options
 from trainer.cvat import download as cvat_server
-from trainer.data.options import add_data_arguments, load_from_args, split_from_args
+from trainer.data.options import DataOptions, load_from_args, split_from_args
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> DataOptions:
     parser = argparse.ArgumentParser()
-    add_data_arguments(parser)
-    return parser.parse_args(list(argv))
+    add_options(parser, DataOptions, "data")
+    return read_options(DataOptions, parser.parse_args(list(argv)))
 
 
 def test_options_parse_into_what_load_dataset_takes():

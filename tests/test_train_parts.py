@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from torchvision import tv_tensors
@@ -11,7 +9,8 @@ from torchvision import tv_tensors
 from serverless.architectures import build_model
 from serverless.bundle import BundleInfo, save_bundle
 from serverless.errors import UserError
-from trainer.training.config import TrainConfig, apply_config_file, config_from_args
+from trainer.commands import build_parser
+from trainer.commands.train import options as train_options
 from trainer.training.dataset import GroupedBatchSampler
 from trainer.training.transforms import RandomRot90, train_size_range
 from trainer.training.weights import build_from, resolve
@@ -89,23 +88,25 @@ def test_weights_argument_must_name_something(tmp_path):
         resolve(str(tmp_path / "missing"), "fasterrcnn_resnet50_fpn_v2")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    p.add_argument("--config")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", default="sgd")
-    return p
+def _train_config(*argv: str):
+    """The TrainConfig the real ``train`` parser and --config reading make of ``argv``."""
+    args = build_parser().parse_args(["train", *argv])
+    return train_options(args)[1]
 
 
 def test_command_line_overrides_config_file(tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text("epochs: 7\nlr: 0.5\noptimizer: adamw\n")
-    parser = _parser()
-    args = parser.parse_args(["--config", str(cfg), "--lr", "0.1"])
-    apply_config_file(args, parser)
-    config = config_from_args(args)
+    config = _train_config("--config", str(cfg), "--lr", "0.1")
     assert (config.epochs, config.lr, config.optimizer) == (7, 0.1, "adamw")
+
+
+def test_a_flag_given_wins_over_the_config_file_even_at_its_default(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("epochs: 7\noptimizer: adamw\nkeep_empty: true\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--epochs", "50", "--optimizer", "sgd"])
+    data, config = train_options(args)
+    assert (config.epochs, config.optimizer, data.keep_empty) == (50, "sgd", True)
 
 
 @pytest.mark.parametrize(
@@ -119,11 +120,8 @@ def test_command_line_overrides_config_file(tmp_path):
 def test_bad_configs_fail_clearly(tmp_path, text, message):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(text)
-    parser = _parser()
-    args = parser.parse_args(["--config", str(cfg)])
     with pytest.raises(UserError, match=message):
-        apply_config_file(args, parser)
-        config_from_args(args)
+        _train_config("--config", str(cfg))
 
 
 def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_message(tmp_path, monkeypatch):

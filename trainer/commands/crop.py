@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from serverless.detector import Detector
     from trainer.crop.exporter import CropSummary
+    from trainer.data.options import DataOptions
     from trainer.data.records import DetectionData
 
 HELP = "export every object as an image file plus metadata.csv (for classifier training)"
@@ -53,9 +54,10 @@ def _workers(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.data.options import add_data_arguments
+    from trainer.commands import add_options
+    from trainer.data.options import DataOptions
 
-    add_data_arguments(parser)
+    add_options(parser, DataOptions, "data")
     parser.add_argument("--out", "-o", required=True, metavar="OUT", help="folder for the crops")
     det = parser.add_argument_group("crops of a model's detections (instead of DATA)")
     det.add_argument("--model", metavar="RUN", help="trained model (a run / bundle folder)")
@@ -115,9 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from serverless.errors import UserError
+    from trainer.commands import read_options
     from trainer.crop.exporter import CropOptions, crop_annotations, crop_detections
     from trainer.crop.geometry import CropSpec
+    from trainer.data.options import DataOptions
 
+    data_options = read_options(DataOptions, args)
     if args.mask_alpha and args.format == "source":
         raise UserError("--mask-alpha writes RGBA PNG files; it cannot go with --format source")
     spec = CropSpec(
@@ -135,25 +140,25 @@ def run(args: argparse.Namespace) -> int:
         subsets=not args.no_subsets,
         workers=args.workers,
         append=args.append,
-        skip_missing=args.skip_missing,
+        skip_missing=data_options.skip_missing,
     )
-    labels, read_skipped = args.labels, {}
+    labels, read_skipped = data_options.labels, {}
     if args.model:
-        _check_detection_args(args)
+        _check_detection_args(args, data_options)
         summary = crop_detections(
             _load_detector(args.model, args.device, labels), args.images, args.out, options,
             threshold=args.threshold, labels=labels,
         )  # fmt: skip
     else:
         _check_annotation_args(args)
-        data = _load_all_labels(args)
+        data = _load_all_labels(data_options)
         summary = crop_annotations(data, args.out, options, labels)
         read_skipped = data.skipped
     _print_summary(summary, read_skipped)
     return 0
 
 
-def _check_detection_args(args: argparse.Namespace) -> None:
+def _check_detection_args(args: argparse.Namespace, data_options: DataOptions) -> None:
     from pathlib import Path
 
     from serverless.errors import UserError
@@ -162,7 +167,7 @@ def _check_detection_args(args: argparse.Namespace) -> None:
         raise UserError("--model needs --images DIR: the folder of images to run it on")
     if not Path(args.images).is_dir():
         raise UserError(f"--images {args.images}: not a folder")
-    if args.data or getattr(args, "server", None):
+    if data_options.data or data_options.server:
         raise UserError("--model crops detections on --images; do not also give DATA or --server")
 
 
@@ -188,12 +193,14 @@ def _load_detector(run_dir: str, device: str, labels: list[str] | None) -> Detec
         raise UserError(f"--device {device}: {exc}") from exc
 
 
-def _load_all_labels(args: argparse.Namespace) -> DetectionData:
+def _load_all_labels(data_options: DataOptions) -> DetectionData:
     """The data with every label: --labels is applied by the crop exporter itself, so an object
     without an export id keeps the same index (and file name) whichever labels are selected."""
+    from dataclasses import replace
+
     from trainer.data.options import load_from_args
 
-    return load_from_args(argparse.Namespace(**{**vars(args), "labels": None}))
+    return load_from_args(replace(data_options, labels=None))
 
 
 def _print_summary(summary: CropSummary, read_skipped: dict[str, int]) -> None:

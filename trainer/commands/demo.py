@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from serverless.bundle import METRICS_JSON
     from trainer.commands import main
 
     out = Path(args.out)
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         _banner(number, total, title, argv)
         if code := main(argv):
             return code
-    validation = json.loads((run_dir / "metrics.json").read_text())
+    validation = json.loads((run_dir / METRICS_JSON).read_text())
     print(f"\nvalidation mAP50 {validation['mAP50']:.3f}, mAP@[.5:.95] {validation['mAP']:.3f}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is in {out}/")
     return 0

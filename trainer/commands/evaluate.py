@@ -18,19 +18,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainer.commands import add_options
+from trainer.data.options import DataOptions
+
 if TYPE_CHECKING:
     from trainer.data.records import DetectionData, ImageRecord
+    from trainer.data.splits import SplitOptions
 
 HELP = "COCO mAP, per-class AP and calibrated thresholds of a bundle on annotated data"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.data.options import add_data_arguments
-
     parser.add_argument(
         "run", metavar="RUN", help="trained run / bundle directory (has model.json)"
     )
-    add_data_arguments(parser)
+    add_options(parser, DataOptions, "data")
     g = parser.add_argument_group("evaluation")
     g.add_argument(
         "--subset",
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from serverless.bundle import load_info
     from serverless.detector import Detector, pick_device
     from serverless.errors import UserError
+    from trainer.commands import read_options
     from trainer.data.options import load_from_args
     from trainer.evaluation import plots, report
     from trainer.evaluation.calibration import calibrate_thresholds
@@ -66,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
     except RuntimeError as exc:
         raise UserError(f"--device {args.device}: {exc}") from exc
-    data = load_from_args(args)
-    _adopt_split_options(args, info.provenance)
-    name, records = _select(args, data, info.provenance.get("config", {}).get("seed", 0))
+    data = load_from_args(read_options(DataOptions, args))
+    name, records = _select(args.subset, data, _run_split_options(args, info.provenance))
     _check_labels(records, info.labels)
     detector = Detector(args.run, device=str(device))
     gts, preds = predict_records(detector, records, masks=args.iou_type == "segm")
@@ -88,40 +90,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adopt_split_options(args: argparse.Namespace, provenance: dict) -> None:
-    """Use the run's own --val-fraction/--subset-map unless given here: the same held-out images."""
+def _run_split_options(args: argparse.Namespace, provenance: dict) -> SplitOptions:
+    """The run's own split options, except those given here: the same held-out images."""
+    from trainer.commands import read_options
+    from trainer.data.options import split_options
+    from trainer.data.splits import SplitOptions
+
+    given = read_options(DataOptions, args)
     saved = provenance.get("split_options", {})
-    if args.val_fraction == 0.2 and "val_fraction" in saved:
-        args.val_fraction = saved["val_fraction"]
-    if not args.subset_map and saved.get("subset_map"):
-        args.subset_map = list(saved["subset_map"].items())
+    seed = saved.get("seed", provenance.get("config", {}).get("seed", 0))
+    options = split_options(given, seed)
+    return SplitOptions(
+        val_fraction=options.val_fraction if "val_fraction" in vars(args) else saved.get(
+            "val_fraction", options.val_fraction),
+        test_fraction=saved.get("test_fraction", options.test_fraction),
+        seed=seed,
+        subset_map=options.subset_map if "subset_map" in vars(args) else saved.get("subset_map", {}),
+    )
 
 
 def _select(
-    args: argparse.Namespace, data: DetectionData, seed: int
+    subset: str | None, data: DetectionData, options: SplitOptions
 ) -> tuple[str, list[ImageRecord]]:
     """(name, records) of the images to evaluate; a clear error when there are none.
 
-    The default validation split is recomputed with the training run's seed, so a seeded split
-    (no Validation subset in the data) gives the same images training held out.
+    The default validation split is recomputed with the training run's split options, so a seeded
+    split (no Validation subset in the data) gives the same images training held out.
     """
     from serverless.errors import UserError
-    from trainer.data.options import split_from_args
+    from trainer.data.splits import split_data
 
-    if args.subset is None:
-        args.seed = seed
+    if subset is None:
         try:
-            name, records = "validation", split_from_args(args, data)["val"]
+            name, records = "validation", split_data(data, options)["val"]
         except UserError as exc:
             raise UserError(f"{exc} (or choose the images with --subset NAME|all)") from exc
-    elif args.subset.lower() == "all":
+    elif subset.lower() == "all":
         name, records = "all", list(data.images)
     else:
-        name, records = args.subset, data.subset(args.subset)
+        name, records = subset, data.subset(subset)
     if not records:
         subsets = sorted({im.subset for im in data.images})
         raise UserError(
-            f"--subset {args.subset or '(validation split)'}: no images to evaluate; "
+            f"--subset {subset or '(validation split)'}: no images to evaluate; "
             f"subsets in the data: {', '.join(subsets) or 'none'} (or 'all')"
         )
     return name, records

@@ -12,25 +12,28 @@ from __future__ import annotations
 
 import argparse
 
+from trainer.commands import add_options
+from trainer.data.options import DataOptions
+
 HELP = "summarise CVAT exports (images, objects per label, skipped shapes)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.data.options import add_data_arguments
-
-    add_data_arguments(parser)
+    add_options(parser, DataOptions, "data")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from trainer.commands import read_options
     from trainer.data.options import load_from_args, split_from_args
     from trainer.data.readers import format_summary
 
-    data = load_from_args(args, require_images=False)
+    options = read_options(DataOptions, args)
+    data = load_from_args(options, require_images=False)
     summary = data.summary()
-    summary["split"] = {role: len(ims) for role, ims in split_from_args(args, data).items()}
+    summary["split"] = split_from_args(options, data).counts()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

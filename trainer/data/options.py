@@ -1,102 +1,133 @@
-"""Command-line options that choose the training data, shared by train, evaluate, crop, inspect.
+"""The options that choose the data, shared by train, evaluate, crop and inspect.
 
-One definition keeps the options, their spelling and their meaning identical in every command.
+:class:`DataOptions` is their one definition: each field's metadata gives its flag, help text and
+parser, from which :mod:`trainer.commands` builds the command-line flags and reads ``--config``
+YAML values through the same parsing. Kept free of heavy imports: parsers are built for ``--help``.
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # parsers are built for --help: keep this module free of heavy imports
-    from trainer.data.records import DetectionData, ImageRecord
+from serverless.errors import UserError
 
+if TYPE_CHECKING:
+    from trainer.data.records import DetectionData
+    from trainer.data.splits import Split, SplitOptions
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """DATA... exports plus the options selecting labels, images, subsets and server sources."""
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "data",
-        nargs="*",
-        metavar="DATA",
-        help="CVAT exports: zip files or unpacked folders, 'CVAT for images 1.1' or 'COCO 1.0'",
-    )
-    g.add_argument(
-        "--images-dir", metavar="DIR", help="folder holding the images (<subset>/<name>)"
-    )
-    g.add_argument("--labels", type=_names, metavar="A,B", help="keep only these labels")
-    g.add_argument(
-        "--merge-label",
-        action="append",
-        type=_merge_spec,
-        default=[],
-        metavar="NEW=A,B",
-        help="train labels A and B as one label NEW (repeatable)",
-    )
-    g.add_argument(
-        "--keep-empty",
-        action="store_true",
-        help="keep images without objects as negatives (default: unannotated images are dropped)",
-    )
-    g.add_argument(
-        "--skip-missing",
-        action="store_true",
-        help="leave out annotated images whose file is missing",
-    )
-    g.add_argument(
-        "--subset-map",
-        action="append",
-        type=_subset_spec,
-        default=[],
-        metavar="NAME=train|val|test",
-        help="role of a CVAT subset not named Train/Validation/Test (repeatable)",
-    )
-    g.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        metavar="F",
-        help="share of train images held out for validation when no subset says val (0.2)",
-    )
-    g.add_argument("--server", metavar="URL", help="CVAT server to download from (credentials: "
-                   "CVAT_ACCESS_TOKEN or CVAT_USER/CVAT_PASSWORD in the environment)")  # fmt: skip
-    g.add_argument("--project", type=int, metavar="ID", help="CVAT project to download")
-    g.add_argument("--tasks", type=_ids, metavar="ID,ID", help="CVAT tasks to download")
+ROLES = ("train", "val", "test")
 
 
-def load_from_args(args: argparse.Namespace, *, require_images: bool = True) -> DetectionData:
+def parse_names(text: str) -> list[str]:
+    """"RBC, WBC" -> ["RBC", "WBC"]."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"expected label names separated by commas, got {text!r}")
+    return names
+
+
+def parse_ids(text: str) -> list[int]:
+    """"15,16" -> [15, 16]."""
+    try:
+        ids = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 1:
+        raise ValueError(f"expected ids like 15,16, got {text!r}")
+    return ids
+
+
+def parse_merge(text: str) -> tuple[str, list[str]]:
+    """"NEW=A,B" -> ("NEW", ["A", "B"])."""
+    new, sep, olds = text.partition("=")
+    if not sep or not new.strip():
+        raise ValueError(f"expected NEW=A,B, got {text!r}")
+    return new.strip(), parse_names(olds)
+
+
+def parse_subset_role(text: str) -> tuple[str, str]:
+    """"batch 2=train" -> ("batch 2", "train")."""
+    name, sep, role = text.rpartition("=")
+    if not sep or not name or role not in ROLES:
+        raise ValueError(f"expected NAME=train, NAME=val or NAME=test, got {text!r}")
+    return name, role
+
+
+def option(default: Any = None, help: str = "", **meta: Any) -> Any:
+    """A dataclass field that is also a command-line flag and a ``--config`` key.
+
+    ``meta`` keys read by :func:`trainer.commands.add_options`: ``parse`` (text -> value, raising
+    ValueError that says what was expected), ``choices``, ``metavar``, ``flag`` (other spelling),
+    ``positional``, ``append`` (repeatable; a list or a mapping in YAML), ``negate`` (a boolean
+    that defaults to True and is switched off by this flag).
+    """
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class DataOptions:
+    """Which exports or server objects to read, which labels to keep, how to split."""
+
+    data: list[str] = option(
+        [], "CVAT exports: zip files or unpacked folders, 'CVAT for images 1.1' or 'COCO 1.0'",
+        positional=True, metavar="DATA")
+    images_dir: str | None = option(None, "folder holding the images (<subset>/<name>)", metavar="DIR")
+    labels: list[str] | None = option(None, "keep only these labels", parse=parse_names, metavar="A,B")
+    merge_label: list[tuple[str, list[str]]] = option(
+        [], "train labels A and B as one label NEW (repeatable)", parse=parse_merge, append=True,
+        metavar="NEW=A,B")
+    keep_empty: bool = option(
+        False, "keep images without objects as negatives (default: unannotated images are dropped)")
+    skip_missing: bool = option(False, "leave out annotated images whose file is missing")
+    subset_map: list[tuple[str, str]] = option(
+        [], "role of a CVAT subset not named Train/Validation/Test (repeatable)",
+        parse=parse_subset_role, append=True, metavar="NAME=train|val|test")
+    val_fraction: float = option(
+        0.2, "share of train images held out for validation when no subset says val (0.2)", metavar="F")
+    server: str | None = option(
+        None, "CVAT server to download from (credentials: CVAT_ACCESS_TOKEN or CVAT_USER/CVAT_PASSWORD "
+        "in the environment)", metavar="URL")
+    project: int | None = option(None, "CVAT project to download", metavar="ID")
+    tasks: list[int] | None = option(None, "CVAT tasks to download", parse=parse_ids, metavar="ID,ID")
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"val_fraction: expected a fraction in [0, 1), got {self.val_fraction}")
+
+
+def load_from_args(options: DataOptions, *, require_images: bool = True) -> DetectionData:
     """Download server sources (if any), then read every source with the chosen options.
 
     ``require_images`` refuses exports without image files (training needs pixels; ``inspect``
     does not).
     """
-    from serverless.errors import UserError
     from trainer.data.readers import default_cache_dir, load_dataset
 
-    sources = list(args.data)
-    if args.server:
+    sources = list(options.data)
+    if options.server:
         from trainer.cvat.download import connect, download_exports
 
-        client = connect(args.server)
+        client = connect(options.server)
         cache = default_cache_dir() / "downloads"
-        sources = download_exports(client, project=args.project, tasks=args.tasks, cache_dir=cache)
-        sources += list(args.data)
-    elif args.project is not None or args.tasks:
+        sources = download_exports(client, project=options.project, tasks=options.tasks, cache_dir=cache)
+        sources += list(options.data)
+    elif options.project is not None or options.tasks:
         raise UserError("--project and --tasks need --server URL")
     if not sources:
-        raise UserError(
-            "no data given: name CVAT export zips/folders, or --server URL --project ID"
-        )
+        raise UserError("no data given: name CVAT export zips/folders, or --server URL --project ID")
     merge: dict[str, list[str]] = {}
-    for new, olds in args.merge_label:
+    for new, olds in options.merge_label:
         merge.setdefault(new, []).extend(olds)
     data = load_dataset(
         sources,
-        images_dir=args.images_dir,
-        labels=args.labels,
+        images_dir=options.images_dir,
+        labels=options.labels,
         merge=merge or None,
-        keep_empty=args.keep_empty,
-        skip_missing=args.skip_missing,
+        keep_empty=options.keep_empty,
+        skip_missing=options.skip_missing,
     )
     if require_images and (without := [im for im in data.images if im.path is None]):
         raise UserError(
@@ -106,43 +137,14 @@ def load_from_args(args: argparse.Namespace, *, require_images: bool = True) -> 
     return data
 
 
-def split_from_args(args: argparse.Namespace, data: DetectionData) -> dict[str, list[ImageRecord]]:
+def split_from_args(options: DataOptions, data: DetectionData, seed: int = 0) -> Split:
     """Train/val/test lists following the subsets, --subset-map and --val-fraction."""
-    from trainer.data.splits import split_dataset
+    from trainer.data.splits import split_data
 
-    return split_dataset(
-        data,
-        val_fraction=args.val_fraction,
-        seed=getattr(args, "seed", 0) or 0,
-        subset_map=dict(args.subset_map),
-    )
+    return split_data(data, split_options(options, seed))
 
 
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected label names separated by commas, got {text!r}")
-    return names
+def split_options(options: DataOptions, seed: int = 0) -> SplitOptions:
+    from trainer.data.splits import SplitOptions
 
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ids like 15,16, got {text!r}") from None
-
-
-def _merge_spec(text: str) -> tuple[str, list[str]]:
-    new, sep, olds = text.partition("=")
-    if not sep or not new.strip():
-        raise argparse.ArgumentTypeError(f"expected NEW=A,B, got {text!r}")
-    return new.strip(), _names(olds)
-
-
-def _subset_spec(text: str) -> tuple[str, str]:
-    name, sep, role = text.rpartition("=")
-    if not sep or not name or role not in ("train", "val", "test"):
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=train, NAME=val or NAME=test, got {text!r}"
-        )
-    return name, role
+    return SplitOptions(val_fraction=options.val_fraction, seed=seed, subset_map=dict(options.subset_map))

@@ -7,11 +7,14 @@ the seeded split sorts images by (subset, name) before shuffling with its own ge
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from serverless.errors import UserError
+from trainer.data.options import ROLES
 from trainer.data.records import DetectionData, ImageRecord
 
-ROLES = ("train", "val", "test")
 #: CVAT subset names (case-insensitive) that assign a role without --subset-map.
 KNOWN_SUBSETS = {
     "train": "train",
@@ -22,6 +25,53 @@ KNOWN_SUBSETS = {
     "test": "test",
     "testing": "test",
 }
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """Everything that decides which role an image gets; saved in the run's provenance."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 0
+    subset_map: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> SplitOptions:
+        known = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Split(Mapping):
+    """The images of each role ("train", "val", "test") and the options that put them there."""
+
+    def __init__(self, options: SplitOptions, roles: dict[str, list[ImageRecord]]) -> None:
+        self.options = options
+        self._roles = {role: list(roles.get(role, [])) for role in ROLES}
+
+    def __getitem__(self, role: str) -> list[ImageRecord]:
+        return self._roles[role]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._roles)
+
+    def __len__(self) -> int:
+        return len(self._roles)
+
+    def counts(self) -> dict[str, int]:
+        return {role: len(images) for role, images in self._roles.items()}
+
+
+def split_data(data: DetectionData, options: SplitOptions) -> Split:
+    """:func:`split_dataset` with its options kept beside the result."""
+    roles = split_dataset(
+        data, val_fraction=options.val_fraction, test_fraction=options.test_fraction,
+        seed=options.seed, subset_map=options.subset_map,
+    )
+    return Split(options, roles)
 
 
 def split_dataset(

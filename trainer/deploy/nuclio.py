@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 import serverless
-from serverless.bundle import MODEL_JSON, WEIGHTS, BundleError, BundleInfo, load_info, load_model
+from serverless.bundle import LABELS_TXT, MODEL_JSON, WEIGHTS, BundleError, BundleInfo, load_info, load_model
 from serverless.errors import UserError
 
 #: Nuclio makes Kubernetes names "nuclio-<name>" that must fit in 63 characters.
@@ -220,7 +220,7 @@ def _write_function(tmp: Path, run: Path, info: BundleInfo, config: dict[str, An
     bundle.mkdir()
     for file in (MODEL_JSON, WEIGHTS):
         shutil.copy2(run / file, bundle / file)
-    (bundle / "labels.txt").write_text("\n".join(info.labels) + "\n", encoding="utf-8")
+    (bundle / LABELS_TXT).write_text("\n".join(info.labels) + "\n", encoding="utf-8")
     return [m.name for m in modules]
 
 

@@ -16,15 +16,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from serverless.bundle import atomic_write
+from serverless.bundle import HISTORY_CSV, PLOTS, atomic_write
 from trainer.evaluation.calibration import Calibration, Curve
-
-#: The per-epoch CSV the training loop writes into the run directory.
-HISTORY_CSV = "history.csv"
-
-
-#: Sub-folder of the run directory the plots go to.
-PLOTS_DIR = "plots"
 
 
 class Sample(NamedTuple):
@@ -154,7 +147,7 @@ def write_plots(
     and ``sample_<n>.png`` per sample, drawn at the calibrated class thresholds as CVAT would
     show them. Returns the paths written."""
     run_dir = Path(run_dir)
-    out = run_dir / PLOTS_DIR
+    out = run_dir / PLOTS
     written = [out / "pr_curves.png", out / "f1_curve.png"]
     plot_pr_curves(calibration, written[0])
     plot_f1(calibration, written[1])

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from serverless.bundle import atomic_write
+from serverless.bundle import METRICS_JSON, RESULTS_TXT, atomic_write
 from trainer.evaluation.calibration import Calibration
 from trainer.evaluation.metrics import EvalResult
 
@@ -94,8 +94,8 @@ def write_reports(
     run_dir.mkdir(parents=True, exist_ok=True)
     text = format_results(result, calibration)
     data = json.dumps(metrics_dict(result, calibration), indent=2, allow_nan=False) + "\n"
-    atomic_write(run_dir / f"{prefix}results.txt", lambda f: f.write(text.encode()))
-    atomic_write(run_dir / f"{prefix}metrics.json", lambda f: f.write(data.encode()))
+    atomic_write(run_dir / f"{prefix}{RESULTS_TXT}", lambda f: f.write(text.encode()))
+    atomic_write(run_dir / f"{prefix}{METRICS_JSON}", lambda f: f.write(data.encode()))
 
 
 def _num(value: float | None) -> str:

@@ -16,9 +16,6 @@ import torch
 from serverless.bundle import atomic_write
 from serverless.errors import UserError
 
-LAST = "last.pt"
-BEST = "best.pt"
-
 
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()

@@ -1,118 +1,80 @@
 """Training configuration: defaults, overridden by a YAML file, overridden by command-line flags.
 
-The effective configuration is saved with the run (``config.yaml``) so a run can be repeated exactly
-and ``--resume`` knows what it is continuing.
+:class:`TrainConfig` is the one definition of every training option: each field's metadata gives
+its help text, choices and parser, from which :mod:`trainer.commands` builds the ``train`` flags
+and reads ``--config`` files. The effective configuration is saved with the run (``config.yaml``)
+so a run can be repeated exactly and ``--resume`` knows what it is continuing.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import yaml
 
+from serverless.architectures import ARCHITECTURES, DEFAULT_ARCH, get_architecture
 from serverless.errors import UserError
+from trainer.data.options import option
+
+AUGMENT_PRESETS = ("none", "flip", "microscopy")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "step")
+
+
+def parse_device(text: str) -> str:
+    if text not in ("auto", "cpu") and not text.startswith("cuda"):
+        raise ValueError(f"expected auto, cpu or cuda[:N], got {text!r}")
+    return text
 
 
 @dataclass
 class TrainConfig:
-    out: str = "runs/detector"
-    arch: str = "fasterrcnn_resnet50_fpn_v2"
-    weights: str = "coco"  # coco | imagenet | none | PATH (previous run, or a state_dict file)
-    device: str = "auto"
-    epochs: int = 50
-    patience: int = 10  # epochs without validation mAP gain before stopping; 0 disables
-    batch_size: int = 4
-    image_size: int | None = None  # shorter side the model resizes to; None = architecture default
-    max_size: int | None = None
-    scale_jitter: float = 0.2  # train on shorter sides in [s*(1-j), s]; 0 disables
-    lr: float | None = None  # None = per-optimizer default scaled by batch size
-    optimizer: str = "sgd"  # sgd | adamw
-    weight_decay: float | None = None
-    scheduler: str = "cosine"  # cosine | step
-    warmup_iters: int = 300
-    clip_grad: float = 10.0
-    amp: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + scaler)
-    augment: str = "microscopy"  # none | flip | microscopy
-    detections_per_img: int = 300
-    roi_batch_size: int = 256  # R-CNN box-head samples per image (torchvision: 512); cost scales with it
-    trainable_backbone_layers: int | None = None
-    workers: int | None = None  # DataLoader workers; None = min(4, CPUs)
-    cache_images: bool = False  # decode every image once and keep it in memory
-    tile_size: int | None = None  # sliced inference in the served function for very large frames
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
+    out: str = option("runs/detector", "run directory for the bundle")
+    arch: str = option(DEFAULT_ARCH, f"one of: {', '.join(ARCHITECTURES)}")
+    weights: str = option("coco", "coco | imagenet | none | previous run dir | state_dict file")
+    device: str = option("auto", "auto | cpu | cuda[:N]", parse=parse_device)
+    epochs: int = option(50, "maximum epochs")
+    patience: int = option(10, "stop after this many epochs without val mAP gain; 0 = never")
+    batch_size: int = option(4, "images per GPU")
+    image_size: int | None = option(None, "shorter side the model resizes to (default: per architecture)")
+    max_size: int | None = option(None, "longer-side cap (default: per architecture)")
+    scale_jitter: float = option(0.2, "train on shorter sides down to size*(1-J)")
+    lr: float | None = option(None, "learning rate (default: 0.02 SGD / 1e-4 AdamW per 16 images)")
+    optimizer: str = option("sgd", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float | None = option(None, "weight decay (default: 1e-4 SGD / 0.05 AdamW)")
+    scheduler: str = option("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULERS)
+    warmup_iters: int = option(300, "iterations of linear learning-rate warm-up")
+    clip_grad: float = option(10.0, "max gradient norm; 0 disables")
+    amp: bool = option(True, "fp32 on GPU (default: mixed precision)", flag="--no-amp", negate=True)
+    augment: str = option(
+        "microscopy", "microscopy adds vertical flips, 90-degree rotations, colour jitter (default)",
+        choices=AUGMENT_PRESETS)
+    detections_per_img: int = option(300, "most objects reported per image")
+    roi_batch_size: int = option(256, "R-CNN box-head samples per image; lower trains faster")
+    trainable_backbone_layers: int | None = option(None, "0-5, for pretrained backbones")
+    workers: int | None = option(None, "DataLoader workers (default: min(4, CPUs))")
+    cache_images: bool = option(False, "decode every image once, keep in RAM")
+    tile_size: int | None = option(None, "serve very large frames in tiles of this size")
+    seed: int = option(0, "seed of the split, the sampler and the augmentations")
+    resume: bool = option(False, "continue the run in --out from its last epoch")
+    overwrite: bool = option(False, "replace an existing run in --out")
 
     def to_yaml(self, extra: dict[str, Any] | None = None) -> str:
         return yaml.safe_dump({**asdict(self), **(extra or {})}, sort_keys=False)
 
-
-CHOICES = {
-    "optimizer": ("sgd", "adamw"),
-    "scheduler": ("cosine", "step"),
-    "augment": ("none", "flip", "microscopy"),
-}
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Fill options the user did not give on the command line from ``--config``."""
-    if not getattr(args, "config", None):
-        return
-    values = load_yaml(args.config)
-    known = set(vars(args)) - {"config", "_run", "_parser", "command"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(
-            f"{args.config}: unknown option(s) {', '.join(unknown)}; "
-            f"expected some of: {', '.join(sorted(known))}"
-        )
-    for key, value in values.items():
-        if getattr(args, key) == parser.get_default(key):
-            setattr(args, key, value)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Build and validate the TrainConfig from parsed (and config-file-filled) arguments."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values = {k: v for k, v in values.items() if v is not None}
-    config = TrainConfig(**values)
-    validate(config)
-    return config
-
-
-def validate(config: TrainConfig) -> None:
-    for name, allowed in CHOICES.items():
-        if getattr(config, name) not in allowed:
-            raise UserError(f"{name}: {getattr(config, name)!r} is not one of {', '.join(allowed)}")
-    positive = {"epochs": config.epochs, "batch_size": config.batch_size,
-                "detections_per_img": config.detections_per_img}
-    for name, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise UserError(f"{name}: expected a positive integer, got {value!r}")
-    if config.image_size is not None and config.image_size < 32:
-        raise UserError(f"image_size: expected at least 32 pixels, got {config.image_size}")
-    if config.lr is not None and not config.lr > 0:
-        raise UserError(f"lr: expected a positive learning rate, got {config.lr}")
-    if not 0 <= config.scale_jitter < 1:
-        raise UserError(f"scale_jitter: expected a fraction in [0, 1), got {config.scale_jitter}")
-    if config.patience < 0:
-        raise UserError(f"patience: expected 0 (off) or more epochs, got {config.patience}")
-    if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
-        raise UserError(f"device: expected auto, cpu or cuda[:N], got {config.device!r}")
+    def validate(self) -> None:
+        get_architecture(self.arch)
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "detections_per_img": self.detections_per_img}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{name}: expected a positive integer, got {value!r}")
+        if self.image_size is not None and self.image_size < 32:
+            raise UserError(f"image_size: expected at least 32 pixels, got {self.image_size}")
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"lr: expected a positive learning rate, got {self.lr}")
+        if not 0 <= self.scale_jitter < 1:
+            raise UserError(f"scale_jitter: expected a fraction in [0, 1), got {self.scale_jitter}")
+        if self.patience < 0:
+            raise UserError(f"patience: expected 0 (off) or more epochs, got {self.patience}")

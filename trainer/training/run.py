@@ -1,7 +1,10 @@
 """A training run: data → model → epochs with validation → calibrated bundle in ``runs/NAME``.
 
-Every epoch ends with a checkpoint (``checkpoints/last.pt``), so a crash or Ctrl-C loses at most one
-epoch and ``--resume`` continues with the same model, optimizer, scheduler, scaler, RNG and data order.
+:func:`train` reads top-down like the torchvision references' ``main()``: open the run directory,
+build the model and its data, resume, fit, finish. The run is plain data (:class:`Run`); the steps
+are functions of it. Every epoch ends with a checkpoint (``checkpoints/last.pt``), so a crash or
+Ctrl-C loses at most one epoch and ``--resume`` continues with the same model, optimizer,
+scheduler, scaler, RNG and data order.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import platform
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,19 +26,111 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader
 
-from serverless.architectures import get_architecture
-from serverless.bundle import MODEL_JSON, BundleInfo, atomic_write, save_bundle
+from serverless.architectures import Architecture, get_architecture
+from serverless.bundle import (
+    BEST_CHECKPOINT,
+    CONFIG_YAML,
+    HISTORY_CSV,
+    LAST_CHECKPOINT,
+    MODEL_JSON,
+    BundleInfo,
+    atomic_write,
+    save_bundle,
+)
 from serverless.detector import pick_device
 from serverless.errors import UserError
 from trainer import __version__
-from trainer.data.records import DetectionData, ImageRecord
+from trainer.data.records import DetectionData
+from trainer.data.splits import Split
 from trainer.training import checkpoint, distributed, weights
 from trainer.training.config import TrainConfig
 from trainer.training.dataset import DetectionDataset, GroupedBatchSampler, collate
 from trainer.training.engine import Precision, predict, train_one_epoch
 from trainer.training.transforms import train_size_range, train_transforms
 
-HISTORY = "history.csv"
+
+@dataclass
+class Progress:
+    """What a checkpoint restores besides the tensors: where the run is and how it went."""
+
+    next_epoch: int = 0
+    best_map: float = -1.0  # validation mAP of the best epoch (minus the loss without validation)
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything one rank's training run holds."""
+
+    config: TrainConfig
+    data: DetectionData
+    split: Split
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    spec: Architecture
+    point: weights.StartingPoint
+    model: torch.nn.Module  # DDP-wrapped once fitting starts on several ranks
+    precision: Precision
+    train_set: DetectionDataset
+    sampler: GroupedBatchSampler
+    train_loader: DataLoader
+    val_set: DetectionDataset
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The model without its DDP wrapper (what is saved and evaluated)."""
+        return getattr(self.model, "module", self.model)
+
+
+def train(config: TrainConfig, data: DetectionData, split: Split) -> Path:
+    """Run training to completion (or early stop) and return the bundle directory.
+
+    The caller has checked the run directory (:func:`check_run_dir`) before reading any data.
+    """
+    if not split["train"]:
+        raise UserError("no training images after splitting; check the subsets and --labels")
+    rank, world, device = distributed.init(pick_device(config.device))
+    out = Path(config.out)
+    try:
+        if rank == 0:
+            open_run_dir(config)
+        distributed.barrier()
+        run = build(config, data, split, out, rank, world, device)
+        if config.resume:
+            resume(run)
+        if world > 1:
+            run.model = torch.nn.parallel.DistributedDataParallel(
+                run.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if run.main:
+            print(plan(run), flush=True)
+        fit(run)
+        distributed.barrier()  # rank 0 has written best.pt
+        info = finish(run)
+        if info:
+            print(f"bundle written to {out} (threshold {info.threshold:.2f})", flush=True)
+        distributed.barrier()
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\ninterrupted; continue with: --out {out} --resume", flush=True)
+        raise
+    finally:
+        distributed.shutdown()
+    return out
+
+
+# ---------------------------------------------------------------- the run directory
 
 
 def check_run_dir(config: TrainConfig) -> None:
@@ -44,7 +139,7 @@ def check_run_dir(config: TrainConfig) -> None:
     Called before any data is read, so a mistake costs nothing.
     """
     out = Path(config.out)
-    last = out / "checkpoints" / checkpoint.LAST
+    last = out / LAST_CHECKPOINT
     if config.resume:
         if not last.exists():
             raise UserError(f"--resume: {last} does not exist; nothing to resume")
@@ -55,14 +150,63 @@ def check_run_dir(config: TrainConfig) -> None:
             raise UserError(f"{out} is not empty and is not a run; refusing to delete it")
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """The run directory, emptied for a fresh run (after :func:`check_run_dir`)."""
-    check_run_dir(config)
+def open_run_dir(config: TrainConfig) -> None:
+    """Create the run directory; a fresh run (checked by :func:`check_run_dir`) starts empty."""
     out = Path(config.out)
     if not config.resume and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+
+
+# ---------------------------------------------------------------- building
+
+
+def build(config: TrainConfig, data: DetectionData, split: Split, out: Path, rank: int, world: int,
+          device: torch.device) -> Run:
+    """Model, data loaders, optimizer and schedule of a run, seeded."""
+    seed_everything(config.seed)
+    spec = get_architecture(config.arch)
+    point = weights.resolve(config.weights, config.arch)
+    size = image_size(config, spec)
+    sizes = train_size_range(size, config.scale_jitter)
+    model = weights.build_from(
+        point, config.arch, data.labels,
+        min_size=sizes if len(sizes) > 1 else size, max_size=config.max_size,
+        detections_per_img=config.detections_per_img,
+        trainable_backbone_layers=config.trainable_backbone_layers,
+        **spec.training_options(config.roi_batch_size),
+    ).to(device)
+    loaders = _loaders(config, data, split, spec, rank, world, device)
+    optimizer = make_optimizer(config, model, world)
+    scheduler = make_scheduler(config, optimizer, len(loaders["train_loader"]))
+    return Run(config, data, split, out, rank, world, device, spec, point, model,
+               Precision(device, config.amp), optimizer=optimizer, scheduler=scheduler, **loaders)
+
+
+def image_size(config: TrainConfig, spec: Architecture) -> int:
+    return config.image_size or spec.min_size
+
+
+def _loaders(config: TrainConfig, data: DetectionData, split: Split, spec: Architecture, rank: int,
+             world: int, device: torch.device) -> dict[str, Any]:
+    workers = config.workers if config.workers is not None else min(4, _cpus())
+    common = {"collate_fn": collate, "num_workers": workers, "pin_memory": device.type == "cuda",
+              "persistent_workers": workers > 0}
+    train_set = DetectionDataset(
+        split["train"], data.labels, train_transforms(config.augment),
+        masks=spec.masks, seed=config.seed, cache_images=config.cache_images,
+    )
+    sampler = GroupedBatchSampler(
+        train_set.aspect_ratios(), config.batch_size, seed=config.seed, rank=rank, world_size=world
+    )
+    train_loader = DataLoader(train_set, batch_sampler=sampler,
+                              generator=torch.Generator().manual_seed(config.seed), **common)
+    val_set = DetectionDataset(split["val"], data.labels, cache_images=config.cache_images)
+    shard = list(range(rank, len(val_set), world))
+    val_loader = DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=config.batch_size,
+                            generator=torch.Generator().manual_seed(config.seed), **common)
+    return {"train_set": train_set, "sampler": sampler, "train_loader": train_loader,
+            "val_set": val_set, "val_loader": val_loader}
 
 
 def seed_everything(seed: int) -> None:
@@ -103,271 +247,182 @@ def make_scheduler(config: TrainConfig, optimizer, iters_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Run:
-    """The state of one training run on one rank."""
+# ---------------------------------------------------------------- checkpoints
 
-    def __init__(self, config: TrainConfig, data: DetectionData, splits: dict[str, list[ImageRecord]],
-                 split_options: dict[str, Any] | None = None):
-        self.config, self.data = config, data
-        self.split_options = split_options or {}
-        self.rank, self.world, self.device = distributed.init(pick_device(config.device))
-        self.main = self.rank == 0
-        self.spec = get_architecture(config.arch)
-        if not splits.get("train"):
-            raise UserError("no training images after splitting; check the subsets and --labels")
-        self.splits = splits
-        self.out = prepare_run_dir(config) if self.main else Path(config.out)
-        distributed.barrier()
-        seed_everything(config.seed)
-        self.point = weights.resolve(config.weights, config.arch)
-        self.model = self._build_model()
-        self.precision = Precision(self.device, config.amp)
-        self._build_loaders()
-        self.optimizer = make_optimizer(config, self.model, self.world)
-        self.scheduler = make_scheduler(config, self.optimizer, len(self.train_loader))
-        self.history: list[dict[str, Any]] = []
-        self.best_map, self.best_epoch, self.start_epoch = -1.0, -1, 0
 
-    @property
-    def size(self) -> int:
-        return self.config.image_size or self.spec.min_size
+def save_checkpoint(run: Run) -> None:
+    state = {
+        "model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.precision.scaler.state_dict(),
+        "epoch": run.progress.next_epoch - 1, "best_map": run.progress.best_map,
+        "best_epoch": run.progress.best_epoch, "history": run.progress.history,
+        "rng": checkpoint.rng_state(), "labels": run.data.labels,
+    }
+    checkpoint.save(run.out / LAST_CHECKPOINT, state)
 
-    def _build_model(self) -> torch.nn.Module:
-        sizes = train_size_range(self.size, self.config.scale_jitter)
-        extra = self.spec.training_options(self.config.roi_batch_size)
-        model = weights.build_from(
-            self.point, self.config.arch, self.data.labels,
-            min_size=sizes if len(sizes) > 1 else self.size,
-            max_size=self.config.max_size,
-            detections_per_img=self.config.detections_per_img,
-            trainable_backbone_layers=self.config.trainable_backbone_layers, **extra,
+
+def resume(run: Run) -> None:
+    state = checkpoint.load(run.out / LAST_CHECKPOINT)
+    if state["labels"] != run.data.labels:
+        raise UserError(
+            f"--resume: the data's labels {run.data.labels} differ from the run's {state['labels']}"
         )
-        return model.to(self.device)
+    run.net.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.precision.scaler.load_state_dict(state["scaler"])
+    run.progress = Progress(state["epoch"] + 1, state["best_map"], state["best_epoch"], state["history"])
+    checkpoint.set_rng_state(state["rng"])
+    if run.main:
+        print(f"resuming {run.out} at epoch {run.progress.next_epoch + 1}", flush=True)
 
-    def _build_loaders(self) -> None:
-        config, pin = self.config, self.device.type == "cuda"
-        workers = config.workers if config.workers is not None else min(4, _cpus())
-        common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin,
-                  "persistent_workers": workers > 0}
-        self.train_set = DetectionDataset(
-            self.splits["train"], self.data.labels, train_transforms(config.augment),
-            masks=self.spec.masks, seed=config.seed, cache_images=config.cache_images,
+
+# ---------------------------------------------------------------- epochs
+
+
+def fit(run: Run) -> None:
+    """Train epoch after epoch, validating and checkpointing each, until the last or early stop."""
+    config = run.config
+    for epoch in range(run.progress.next_epoch, config.epochs):
+        run.sampler.set_epoch(epoch)
+        stats = train_one_epoch(
+            run.model, run.train_loader, run.optimizer, run.scheduler, run.precision,
+            clip_grad=config.clip_grad, epoch=epoch, epochs=config.epochs, show_progress=run.main,
         )
-        self.sampler = GroupedBatchSampler(
-            self.train_set.aspect_ratios(), config.batch_size, seed=config.seed,
-            rank=self.rank, world_size=self.world,
-        )
-        self.train_loader = DataLoader(
-            self.train_set, batch_sampler=self.sampler,
-            generator=torch.Generator().manual_seed(config.seed), **common,
-        )
-        self.val_set = DetectionDataset(self.splits.get("val", []), self.data.labels,
-                                        cache_images=config.cache_images)
-        shard = list(range(self.rank, len(self.val_set), self.world))
-        self.val_loader = DataLoader(
-            torch.utils.data.Subset(self.val_set, shard), batch_size=config.batch_size,
-            generator=torch.Generator().manual_seed(config.seed), **common,
-        )
-
-    @property
-    def net(self) -> torch.nn.Module:
-        """The model without its DDP wrapper (what is saved and evaluated)."""
-        return getattr(self.model, "module", self.model)
-
-    def ddp(self) -> None:
-        if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-
-    # checkpoints ---------------------------------------------------------------------------------
-
-    def save_checkpoint(self, epoch: int) -> None:
-        state = {
-            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
-            "epoch": epoch, "best_map": self.best_map, "best_epoch": self.best_epoch,
-            "history": self.history, "rng": checkpoint.rng_state(), "labels": self.data.labels,
-        }
-        checkpoint.save(self.out / "checkpoints" / checkpoint.LAST, state)
-
-    def resume(self) -> None:
-        state = checkpoint.load(self.out / "checkpoints" / checkpoint.LAST)
-        if state["labels"] != self.data.labels:
-            raise UserError(
-                f"--resume: the data's labels {self.data.labels} differ from the run's {state['labels']}"
-            )
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.scaler.load_state_dict(state["scaler"])
-        self.best_map, self.best_epoch = state["best_map"], state["best_epoch"]
-        self.history, self.start_epoch = state["history"], state["epoch"] + 1
-        checkpoint.set_rng_state(state["rng"])
-
-    # epochs ---------------------------------------------------------------------------------------
-
-    def validate(self) -> tuple[list[dict], list[dict]]:
-        """Ground truth and raw predictions of the validation split, gathered on rank 0."""
-        # the bare network: DDP's forward would sync buffers, a collective with uneven shards
-        from trainer.evaluation.metrics import record_target
-
-        shards = distributed.gather(predict(self.net, self.val_loader, self.precision))
-        preds_by_index = {k: v for shard in shards for k, v in shard.items()}
-        order = sorted(preds_by_index)
-        gts = [record_target(self.val_set.records[i], self.val_set.class_of) for i in order]
-        return gts, [preds_by_index[i] for i in order]
-
-    def evaluate(self) -> dict[str, float]:
-        from trainer.evaluation.metrics import evaluate_detections
-
-        if not len(self.val_set):
-            return {}
-        gts, preds = self.validate()
-        if not self.main:
-            return {}
-        result = evaluate_detections(gts, preds, self.data.labels, max_dets=self.config.detections_per_img)
-        return {"val_mAP": result.mAP, "val_mAP50": result.mAP50}
-
-    def fit(self) -> None:
-        config = self.config
-        for epoch in range(self.start_epoch, config.epochs):
-            self.sampler.set_epoch(epoch)
-            stats = train_one_epoch(
-                self.model, self.train_loader, self.optimizer, self.scheduler, self.precision,
-                clip_grad=config.clip_grad, epoch=epoch, epochs=config.epochs, show_progress=self.main,
-            )
-            metrics = self.evaluate()
-            stop = self.main and self._record(epoch, stats, metrics)
-            if distributed.broadcast(stop):
-                break
-
-    def _record(self, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> bool:
-        """Log the epoch, keep the best weights, checkpoint; True when early stopping triggers."""
-        score = metrics.get("val_mAP", -float(stats["loss"]))  # no validation: lowest loss wins
-        improved = score > self.best_map
-        if improved:
-            self.best_map, self.best_epoch = score, epoch
-            checkpoint.save(self.out / "checkpoints" / checkpoint.BEST, self.net.state_dict())
-        self.history.append({"epoch": epoch + 1, **stats, **metrics})
-        self.save_checkpoint(epoch)
-        self._write_history()
-        print(_summary_line(epoch, self.config.epochs, stats, metrics, improved), flush=True)
-        patience = self.config.patience
-        if patience and epoch - self.best_epoch >= patience:
-            print(f"early stopping: no validation mAP gain for {patience} epochs", flush=True)
-            return True
-        return False
-
-    def _write_history(self) -> None:
-        keys = list(dict.fromkeys(k for row in self.history for k in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write(self.out / HISTORY, lambda f: f.write(buffer.getvalue().encode()))
-
-    # the bundle -----------------------------------------------------------------------------------
-
-    def finish(self, config_yaml: str) -> BundleInfo | None:
-        """Reload the best epoch, calibrate thresholds, write the bundle, reports and plots.
-
-        Every rank takes part (validation is sharded); rank 0 alone writes.
-        """
-        best = checkpoint.load(self.out / "checkpoints" / checkpoint.BEST)
-        self.net.load_state_dict(best)
-        validation = self.validate() if len(self.val_set) else None
-        if not self.main:
-            return None
-        info = self._bundle_info()
-        if validation:
-            info = self._calibrate_and_report(info, *validation)
-        save_bundle(self.out, info, self.net.state_dict())
-        atomic_write(self.out / "config.yaml", lambda f: f.write(config_yaml.encode()))
-        return info
-
-    def _bundle_info(self) -> BundleInfo:
-        config = self.config
-        return BundleInfo(
-            architecture=config.arch, labels=list(self.data.labels),
-            shape_type=self.spec.shape_type,
-            min_size=self.size, max_size=config.max_size,
-            detections_per_img=config.detections_per_img, tile_size=config.tile_size,
-            provenance=self._provenance(),
-        )
-
-    def _provenance(self) -> dict[str, Any]:
-        return {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "data": self.data.summary(),
-            "split": {name: len(records) for name, records in self.splits.items()},
-            "split_options": self.split_options,
-            "weights": {"kind": self.point.kind, "source": self.point.source},
-            "parent_run": self.point.source if self.point.kind == "run" else None,
-            "epochs_run": len(self.history), "best_epoch": self.best_epoch + 1,
-            "config": asdict(self.config),
-            "versions": {"cvat_detector": __version__, "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "python": platform.python_version()},
-            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
-                                          if self.device.type == "cuda" else ""),
-        }
-
-    def _calibrate_and_report(self, info: BundleInfo, gts: list[dict], preds: list[dict]) -> BundleInfo:
-        from trainer.evaluation import plots, report
-        from trainer.evaluation.calibration import calibrate_thresholds
-        from trainer.evaluation.metrics import evaluate_detections
-
-        result = evaluate_detections(gts, preds, info.labels, max_dets=info.detections_per_img)
-        calibration = calibrate_thresholds(gts, preds, info.labels)
-        info.threshold = float(calibration.threshold)
-        info.class_thresholds = {k: float(v) for k, v in calibration.class_thresholds.items()}
-        info.metrics = {"validation": result.to_dict(), "calibration": calibration.to_dict()}
-        report.write_reports(self.out, result, calibration)
-        samples = [(self.val_set.image(i), preds[i], gts[i]) for i in range(min(4, len(preds)))]
-        plots.write_plots(self.out, calibration, samples)
-        print(report.format_table(result, calibration), flush=True)
-        return info
+        metrics = evaluate(run)
+        stop = run.main and record_epoch(run, epoch, stats, metrics)
+        if distributed.broadcast(stop):
+            break
 
 
-def train(
-    config: TrainConfig,
-    data: DetectionData,
-    splits: dict[str, list[ImageRecord]],
-    split_options: dict[str, Any] | None = None,
-) -> Path:
-    """Run training to completion (or early stop) and return the bundle directory."""
-    run = Run(config, data, splits, split_options)
-    try:
-        if config.resume:
-            run.resume()
-            if run.main:
-                print(f"resuming {run.out} at epoch {run.start_epoch + 1}", flush=True)
-        run.ddp()
-        if run.main:
-            _print_plan(run)
-        run.fit()
-        distributed.barrier()  # rank 0 has written best.pt
-        info = run.finish(config.to_yaml())
-        if info:
-            print(f"bundle written to {run.out} (threshold {info.threshold:.2f})", flush=True)
-        distributed.barrier()
-    except KeyboardInterrupt:
-        if run.main:
-            print(f"\ninterrupted; continue with: --out {run.out} --resume", flush=True)
-        raise
-    finally:
-        distributed.shutdown()
-    return run.out
+def validate(run: Run) -> tuple[list[dict], list[dict]]:
+    """Ground truth and raw predictions of the validation split, gathered on rank 0."""
+    # the bare network: DDP's forward would sync buffers, a collective with uneven shards
+    from trainer.evaluation.metrics import record_target
+
+    shards = distributed.gather(predict(run.net, run.val_loader, run.precision))
+    preds_by_index = {k: v for shard in shards for k, v in shard.items()}
+    order = sorted(preds_by_index)
+    gts = [record_target(run.val_set.records[i], run.val_set.class_of) for i in order]
+    return gts, [preds_by_index[i] for i in order]
 
 
-def _print_plan(run: Run) -> None:
+def evaluate(run: Run) -> dict[str, float]:
+    from trainer.evaluation.metrics import evaluate_detections
+
+    if not len(run.val_set):
+        return {}
+    gts, preds = validate(run)
+    if not run.main:
+        return {}
+    result = evaluate_detections(gts, preds, run.data.labels, max_dets=run.config.detections_per_img)
+    return {"val_mAP": result.mAP, "val_mAP50": result.mAP50}
+
+
+def record_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> bool:
+    """Log the epoch, keep the best weights, checkpoint; True when early stopping triggers."""
+    progress = run.progress
+    score = metrics.get("val_mAP", -float(stats["loss"]))  # no validation: lowest loss wins
+    improved = score > progress.best_map
+    if improved:
+        progress.best_map, progress.best_epoch = score, epoch
+        checkpoint.save(run.out / BEST_CHECKPOINT, run.net.state_dict())
+    progress.history.append({"epoch": epoch + 1, **stats, **metrics})
+    progress.next_epoch = epoch + 1
+    save_checkpoint(run)
+    _write_history(run.out / HISTORY_CSV, progress.history)
+    print(_summary_line(epoch, run.config.epochs, stats, metrics, improved), flush=True)
+    patience = run.config.patience
+    if patience and epoch - progress.best_epoch >= patience:
+        print(f"early stopping: no validation mAP gain for {patience} epochs", flush=True)
+        return True
+    return False
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def finish(run: Run) -> BundleInfo | None:
+    """Reload the best epoch, calibrate thresholds, write the bundle, reports and plots.
+
+    Every rank takes part (validation is sharded); rank 0 alone writes.
+    """
+    run.net.load_state_dict(checkpoint.load(run.out / BEST_CHECKPOINT))
+    validation = validate(run) if len(run.val_set) else None
+    if not run.main:
+        return None
+    info = bundle_info(run)
+    if validation:
+        info = _calibrate_and_report(run, info, *validation)
+    save_bundle(run.out, info, run.net.state_dict())
+    config_yaml = run.config.to_yaml()
+    atomic_write(run.out / CONFIG_YAML, lambda f: f.write(config_yaml.encode()))
+    return info
+
+
+def bundle_info(run: Run) -> BundleInfo:
+    config = run.config
+    return BundleInfo(
+        architecture=config.arch, labels=list(run.data.labels), shape_type=run.spec.shape_type,
+        min_size=image_size(config, run.spec), max_size=config.max_size,
+        detections_per_img=config.detections_per_img, tile_size=config.tile_size,
+        provenance=provenance(run),
+    )
+
+
+def provenance(run: Run) -> dict[str, Any]:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": run.data.summary(),
+        "split": run.split.counts(),
+        "split_options": run.split.options.to_dict(),
+        "weights": {"kind": run.point.kind, "source": run.point.source},
+        "parent_run": run.point.source if run.point.kind == "run" else None,
+        "epochs_run": len(run.progress.history), "best_epoch": run.progress.best_epoch + 1,
+        "config": asdict(run.config),
+        "versions": {"cvat_detector": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "python": platform.python_version()},
+        "device": str(run.device) + (f" ({torch.cuda.get_device_name(run.device)})"
+                                     if run.device.type == "cuda" else ""),
+    }
+
+
+def _calibrate_and_report(run: Run, info: BundleInfo, gts: list[dict], preds: list[dict]) -> BundleInfo:
+    from trainer.evaluation import plots, report
+    from trainer.evaluation.calibration import calibrate_thresholds
+    from trainer.evaluation.metrics import evaluate_detections
+
+    result = evaluate_detections(gts, preds, info.labels, max_dets=info.detections_per_img)
+    calibration = calibrate_thresholds(gts, preds, info.labels)
+    info.threshold = float(calibration.threshold)
+    info.class_thresholds = {k: float(v) for k, v in calibration.class_thresholds.items()}
+    info.metrics = {"validation": result.to_dict(), "calibration": calibration.to_dict()}
+    report.write_reports(run.out, result, calibration)
+    samples = [(run.val_set.image(i), preds[i], gts[i]) for i in range(min(4, len(preds)))]
+    plots.write_plots(run.out, calibration, samples)
+    print(report.format_table(result, calibration), flush=True)
+    return info
+
+
+# ---------------------------------------------------------------- what the user reads
+
+
+def plan(run: Run) -> str:
     c = run.config
     devices = f"{run.world} x {run.device.type}" if run.world > 1 else str(run.device)
-    print(
+    return (
         f"training {c.arch} ({run.point.kind} weights) on {devices}: "
         f"{len(run.train_set)} train / {len(run.val_set)} val images, {len(run.data.labels)} labels, "
-        f"shorter side {run.size}, batch {c.batch_size}, up to {c.epochs} epochs -> {run.out}",
-        flush=True,
+        f"shorter side {image_size(c, run.spec)}, batch {c.batch_size}, up to {c.epochs} epochs -> {run.out}"
     )
 
 
@@ -381,4 +436,3 @@ def _summary_line(epoch: int, epochs: int, stats: dict, metrics: dict, improved:
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-

@@ -10,8 +10,6 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-PRESETS = ("none", "flip", "microscopy")
-
 
 class RandomRot90(torch.nn.Module):
     """Rotate by a random multiple of 90 degrees, exactly: pixels, boxes and masks move together.

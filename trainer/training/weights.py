@@ -37,10 +37,10 @@ def resolve(weights: str, arch: str) -> StartingPoint:
     if weights == "none":
         return StartingPoint("none")
     if weights == "coco":
-        enum = getattr(tvm.detection, spec.coco_weights).DEFAULT
+        enum = tvm.get_model_weights(arch).DEFAULT
         return StartingPoint("coco", str(enum), {"weights": enum})
     if weights == "imagenet":
-        enum = getattr(tvm, spec.backbone_weights).DEFAULT
+        enum = tvm.get_model_weights(spec.backbone).DEFAULT
         return StartingPoint("imagenet", str(enum), {"weights_backbone": enum})
     path = Path(weights)
     if (path / MODEL_JSON).exists():
