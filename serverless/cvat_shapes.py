@@ -14,44 +14,36 @@ from typing import Any
 import numpy as np
 
 from serverless.detector import Detections
-from serverless.mask_polygon import TOLERANCE, mask_to_polygon
+from serverless.mask_polygon import TOLERANCE
 
 #: Decimals kept in coordinates: sub-pixel precision without bloating the response.
 DECIMALS = 2
 
 
 def to_cvat_shapes(det: Detections, tolerance: float = TOLERANCE) -> list[dict[str, Any]]:
-    """One CVAT shape per detection, highest score first. A mask detection whose bitmap is
-    empty (its box survived the score threshold but no pixel passed 0.5) has nothing to draw and
-    is left out, as CVAT's own mask functions do."""
+    """One CVAT shape per drawable detection (:meth:`Detections.drawable`), highest score first;
+    an empty mask has nothing to draw and is left out, as CVAT's own mask functions do."""
     shapes = []
-    for i, label in enumerate(det.labels):
-        confidence = str(round(float(det.scores[i]), 4))
+    for i in det.drawable():
         if det.masks:
-            shape = mask_shape(det.masks[i], det.mask_boxes[i], tolerance)
-            if shape is None:
-                continue
+            shape = mask_shape(det.masks[i], det.mask_boxes[i], det.polygon(i, tolerance))
         else:
-            points = [round(float(v), DECIMALS) for v in det.boxes[i]]
-            shape = {"type": "rectangle", "points": points}
-        shapes.append({"label": label, **shape, "confidence": confidence, "attributes": []})
+            shape = {"type": "rectangle", "points": [round(float(v), DECIMALS) for v in det.boxes[i]]}
+        confidence = str(round(float(det.scores[i]), 4))
+        shapes.append({"label": det.labels[i], **shape, "confidence": confidence, "attributes": []})
     return shapes
 
 
 def mask_shape(
-    bitmap: np.ndarray, box: tuple[int, int, int, int], tolerance: float = TOLERANCE
-) -> dict[str, Any] | None:
-    """``type``/``mask``/``points`` of a bool bitmap covering the inclusive image box ``box``;
-    None when the bitmap is empty."""
+    bitmap: np.ndarray, box: tuple[int, int, int, int], polygon: list[float] | None = None
+) -> dict[str, Any]:
+    """``type``/``mask``/``points`` of a bool bitmap covering the inclusive image box ``box``, with
+    its outline ``polygon`` in image pixels."""
     xtl, ytl, xbr, ybr = (int(v) for v in box)
     if bitmap.shape != (ybr - ytl + 1, xbr - xtl + 1):
         raise ValueError(f"mask bitmap of shape {bitmap.shape} does not cover its box {box}")
-    polygon = mask_to_polygon(bitmap, tolerance)
-    if not polygon:
-        return None
-    offsets = [xtl, ytl] * (len(polygon) // 2)
     return {
         "type": "mask",
         "mask": [*(np.asarray(bitmap, dtype=np.uint8) * 255).ravel().tolist(), xtl, ytl, xbr, ybr],
-        "points": [p + o for p, o in zip(polygon, offsets, strict=True)],
+        "points": list(polygon or []),
     }

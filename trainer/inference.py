@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,23 +61,49 @@ def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
     return found
 
 
-def prefetch(load: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[R]:
-    """``map(load, items)`` computed ``depth`` items ahead on a background thread."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque[Future[R]] = deque()
+def ordered(
+    fn: Callable[[T], R], items: Iterable[T], depth: int = 2, pool: Executor | None = None
+) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` in input order, computed up to ``depth`` items ahead on ``pool`` (a
+    private background thread when None), so the caller's work overlaps the next items' loading."""
+    with ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        pending: deque[tuple[T, Future[R]]] = deque()
         for item in items:
-            pending.append(pool.submit(load, item))
+            pending.append((item, pool.submit(fn, item)))
             if len(pending) > depth:
-                yield pending.popleft().result()
+                done, future = pending.popleft()
+                yield done, future.result()
         while pending:
-            yield pending.popleft().result()
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
-def _load(path: Path) -> tuple[Path, np.ndarray | ImageDecodeError]:
-    try:
-        return path, read_image(path)
-    except ImageDecodeError as exc:
-        return path, exc
+def detect_each(
+    detector: Detector,
+    items: Iterable[T],
+    read: Callable[[T], np.ndarray],
+    threshold: float | None = None,
+    *,
+    depth: int = 2,
+    pool: Executor | None = None,
+) -> Iterator[tuple[T, np.ndarray | ImageDecodeError, Detections | None]]:
+    """The one batch-inference path (folders, evaluation, crops, CVAT tasks): each item's image
+    is read ahead by ``read`` (see :func:`ordered`) and detected here, in the caller's thread.
+    An unreadable image comes back as its ImageDecodeError, with no detections."""
+
+    def load(item: T) -> np.ndarray | ImageDecodeError:
+        try:
+            return read(item)
+        except ImageDecodeError as exc:
+            return exc
+
+    for item, image in ordered(load, items, depth, pool):
+        if isinstance(image, ImageDecodeError):
+            yield item, image, None
+        else:
+            yield item, image, detector.detect(image, threshold)
 
 
 def predict_folder(
@@ -91,22 +118,20 @@ def predict_folder(
     paths = find_images(root, exclude=previews)
     result = FolderPredictions(coco=coco_skeleton(detector, threshold))
     category_ids = {name: i + 1 for i, name in enumerate(detector.labels)}
-    loaded = prefetch(_load, paths)
-    for path, image in tqdm(loaded, total=len(paths), unit="img", disable=not progress):
+    detected = detect_each(detector, paths, read_image, threshold)
+    for path, image, det in tqdm(detected, total=len(paths), unit="img", disable=not progress):
         rel = path.relative_to(root).as_posix()
-        if isinstance(image, ImageDecodeError):
+        if det is None:
             result.failures.append(str(image))
             continue
-        det = detector.detect(image, threshold)
         image_id = len(result.coco["images"]) + 1
         height, width = image.shape[:2]
         result.coco["images"].append(
             {"id": image_id, "file_name": rel, "width": width, "height": height}
         )
-        for i, label in enumerate(det.labels):
-            if det.masks and not det.masks[i].any():  # no pixel passed 0.5: nothing to show
-                continue
-            ann = coco_annotation(det, i, (height, width), category_ids[label])
+        for i in det.drawable():
+            label = det.labels[i]
+            ann = det.coco_annotation(i, (height, width), category_ids[label])
             ann.update(id=len(result.coco["annotations"]) + 1, image_id=image_id)
             result.coco["annotations"].append(ann)
             result.counts[label] += 1
@@ -129,30 +154,6 @@ def coco_skeleton(detector: Detector, threshold: float | None) -> dict[str, Any]
         "categories": [{"id": i + 1, "name": name} for i, name in enumerate(info.labels)],
         "annotations": [],
     }
-
-
-def coco_annotation(
-    det: Detections, i: int, hw: tuple[int, int], category_id: int
-) -> dict[str, Any]:
-    """Detection ``i`` as a COCO result: bbox [x, y, w, h], score, and RLE when it has a mask."""
-    x1, y1, x2, y2 = (float(v) for v in det.boxes[i])
-    ann: dict[str, Any] = {
-        "category_id": category_id,
-        "bbox": [x1, y1, x2 - x1, y2 - y1],
-        "area": (x2 - x1) * (y2 - y1),
-        "score": float(det.scores[i]),
-        "iscrowd": 0,
-    }
-    if det.masks:
-        from faster_coco_eval.core import mask as mask_utils
-
-        full = np.zeros(hw, dtype=np.uint8, order="F")
-        bx1, by1, bx2, by2 = det.mask_boxes[i]
-        full[by1 : by2 + 1, bx1 : bx2 + 1] = det.masks[i]
-        rle = mask_utils.encode(full)
-        ann["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-        ann["area"] = float(mask_utils.area(rle))
-    return ann
 
 
 def draw_preview(image: np.ndarray, det: Detections, labels: list[str]) -> Image.Image:

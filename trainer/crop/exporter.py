@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +31,7 @@ from trainer.crop.output import CropOutput
 from trainer.crop.paths import image_stems, unique_names
 from trainer.crop.worker import SAVE_FORMATS, CropJob, CropObject, cut_image, write_crops
 from trainer.data.records import DetectionData, ImageRecord, Shape
+from trainer.inference import ordered
 
 if TYPE_CHECKING:
     from serverless.detector import Detections, Detector
@@ -56,7 +57,7 @@ class CropOptions:
     spec: CropSpec = field(default_factory=CropSpec)
     fmt: str = "png"  # "png", or "source" to keep each source image's format
     subsets: bool = True  # OUT/<label>/<subset>/...; False: OUT/<label>/...
-    workers: int = 1  # threads decoding, cutting and writing; 1 = all in the calling thread
+    workers: int = 1  # threads decoding, cutting and writing beside the calling thread
     append: bool = False
     skip_missing: bool = False
     progress: bool = True
@@ -211,36 +212,14 @@ def _drop_missing(
 
 
 @contextmanager
-def _executor(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+def _executor(workers: int) -> Iterator[ThreadPoolExecutor]:
     """Threads, not processes: decoding, resampling, PNG encoding and file writes release the GIL,
     nothing needs pickling, and it works the same from scripts, notebooks and console scripts."""
-    if workers <= 1:
-        yield None
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="crop")
+    pool = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="crop")
     try:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _ordered(
-    pool: Executor | None, fn: Callable[[T], R], items: Iterable[T], depth: int
-) -> Iterator[tuple[T, R]]:
-    """(item, fn(item)) in input order, with at most ``depth`` items submitted and unfinished."""
-    if pool is None:
-        for item in items:
-            yield item, fn(item)
-        return
-    pending: deque[tuple[T, Future[R]]] = deque()
-    for item in items:
-        pending.append((item, pool.submit(fn, item)))
-        if len(pending) >= depth:
-            done, future = pending.popleft()
-            yield done, future.result()
-    while pending:
-        done, future = pending.popleft()
-        yield done, future.result()
 
 
 def _record(job: CropJob, output: CropOutput, summary: CropSummary, bar: tqdm) -> None:
@@ -288,7 +267,7 @@ def crop_annotations(
             _executor(options.workers) as pool,
             tqdm(total=total, unit="obj", disable=not options.progress or None) as bar,
         ):
-            for job, _ in _ordered(pool, work, jobs, depth):
+            for job, _ in ordered(work, jobs, depth, pool):
                 _record(job, output, summary, bar)
         output.commit()
     summary.seconds = time.perf_counter() - start
@@ -308,7 +287,7 @@ def crop_detections(
     Crops go to subset ``detections``; their file names flatten each image's path relative to
     ``images_dir``. Unreadable files are skipped and counted.
     """
-    from trainer.inference import find_images
+    from trainer.inference import detect_each, find_images
 
     start = time.perf_counter()
     root, summary = Path(images_dir), CropSummary(Path(out))
@@ -328,9 +307,10 @@ def crop_detections(
             tqdm(unit="obj", disable=not options.progress or None) as bar,
         ):
             depth = 2 * max(options.workers, 1)
-            decoded = _ordered(pool, _try_read, zip(records, stems, strict=True), depth)
-            planned = _detect(detector, decoded, planner, threshold, wanted)
-            for (_, job), _ in _ordered(pool, write, planned, depth):
+            detected = detect_each(detector, zip(records, stems, strict=True),
+                                   lambda item: read_image(item[0].path), threshold, depth=depth, pool=pool)
+            planned = _plan_detections(detected, planner, wanted)
+            for (_, job), _ in ordered(write, planned, depth, pool):
                 _record(job, output, summary, bar)
                 bar.set_postfix_str(f"{summary.images}/{len(paths)} images")
         output.commit()
@@ -338,31 +318,21 @@ def crop_detections(
     return summary
 
 
-def _detect(
-    detector: Detector,
-    decoded: Iterable[tuple[tuple[ImageRecord, str], np.ndarray | ImageDecodeError]],
+def _plan_detections(
+    detected: Iterable[tuple[tuple[ImageRecord, str], np.ndarray | ImageDecodeError, Detections | None]],
     planner: _Planner,
-    threshold: float | None,
     wanted: set[str] | None,
 ) -> Iterator[tuple[np.ndarray, CropJob]]:
-    """Run the model on each decoded image (in this thread) and plan the crops of its detections."""
-    for (record, stem), rgb in decoded:
-        if isinstance(rgb, ImageDecodeError):
+    """Plan the crops of each image's detections; unreadable images are counted."""
+    for (record, stem), rgb, det in detected:
+        if det is None:
             planner.summary.skipped[UNREADABLE] += 1
             continue
-        found = _detected(detector.detect(rgb, threshold), wanted)
-        yield rgb, planner.job(record, stem, (rgb.shape[1], rgb.shape[0]), found)
+        yield rgb, planner.job(record, stem, (rgb.shape[1], rgb.shape[0]), _detected(det, wanted))
 
 
 def _write_item(item: tuple[np.ndarray, CropJob], spec: CropSpec, root: str) -> None:
     write_crops(item[0], item[1], spec, root)
-
-
-def _try_read(item: tuple[ImageRecord, str]) -> np.ndarray | ImageDecodeError:
-    try:
-        return read_image(item[0].path)
-    except ImageDecodeError as exc:
-        return exc
 
 
 def _detected(

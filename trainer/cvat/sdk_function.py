@@ -22,7 +22,6 @@ from PIL import ImageOps
 
 from serverless.detector import Detections, Detector
 from serverless.imageio import to_rgb8
-from serverless.mask_polygon import mask_to_polygon
 
 
 class BundleFunction:
@@ -66,20 +65,18 @@ def to_shapes(
     """CVAT shape requests (frame 0): boxes, masks, or masks as polygons, with ids from
     ``label_ids``; detections of labels it lacks are left out (callers report them)."""
     shapes = []
-    for i, label in enumerate(detections.labels):
+    for i in detections.drawable():
+        label = detections.labels[i]
         if label not in label_ids:
             continue
         label_id, score = label_ids[label], float(detections.scores[i])
         if not detections.masks:
             points = [float(v) for v in detections.boxes[i]]
             shapes.append(cvataa.rectangle(label_id, points, score=score))
-            continue
-        bitmap, box = detections.masks[i], detections.mask_boxes[i]
-        if not bitmap.any():  # a box whose mask vanished at 0.5 has no object to draw
-            continue
-        if polygons:
-            shapes.append(cvataa.polygon(label_id, box_polygon(bitmap, box), score=score))
+        elif polygons:
+            shapes.append(cvataa.polygon(label_id, detections.polygon(i), score=score))
         else:
+            bitmap, box = detections.masks[i], detections.mask_boxes[i]
             shapes.append(cvataa.mask(label_id, encode_box_mask(bitmap, box), score=score))
     return shapes
 
@@ -89,10 +86,3 @@ def encode_box_mask(bitmap: np.ndarray, box: tuple[int, int, int, int]) -> list[
     height, width = bitmap.shape
     encoded = encode_mask(bitmap, [0, 0, width, height])
     return [*encoded[:-4], *box]
-
-
-def box_polygon(bitmap: np.ndarray, box: tuple[int, int, int, int]) -> list[float]:
-    """The outline the Nuclio function returns for a mask (its largest component), moved from the
-    box crop to image pixels; ``[]`` for an empty bitmap."""
-    polygon = mask_to_polygon(bitmap)
-    return [v + box[i % 2] for i, v in enumerate(polygon)]

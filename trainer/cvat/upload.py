@@ -13,8 +13,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import numpy as np
 from cvat_sdk import models
 from cvat_sdk.api_client.exceptions import ApiException, ForbiddenException, NotFoundException
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
@@ -22,9 +24,9 @@ from tqdm import tqdm
 
 from serverless.detector import Detector
 from serverless.errors import UserError
-from serverless.imageio import ImageDecodeError, decode_image
+from serverless.imageio import decode_image
 from trainer.cvat.sdk_function import to_shapes
-from trainer.inference import prefetch
+from trainer.inference import detect_each
 
 
 @dataclass
@@ -101,12 +103,13 @@ def upload_task(client: Any, detector: Detector, task: Any, options: UploadOptio
     frames = eligible_frames(task, options.all_frames, report)
     batch: list[models.LabeledShapeRequest] = []
     batch_frames = 0
-    loaded = prefetch(lambda i: (i, _fetch(task, i)), frames)
-    for index, image in tqdm(loaded, total=len(frames), desc=f"task {task.id}", unit="frame"):
-        if isinstance(image, ImageDecodeError):
+    detected = detect_each(detector, frames, partial(_fetch, task), options.threshold)
+    for index, image, detections in tqdm(
+        detected, total=len(frames), desc=f"task {task.id}", unit="frame"
+    ):
+        if detections is None:
             report.failed.append(str(image))
             continue
-        detections = detector.detect(image, options.threshold)
         shapes = to_shapes(detections, label_ids, polygons=options.polygons)
         report.missing.update(label for label in detections.labels if label not in label_ids)
         for shape in shapes:
@@ -211,13 +214,10 @@ def annotated_frames(annotations: Any, size: int) -> set[int]:
     return frames
 
 
-def _fetch(task: Any, index: int) -> Any:
-    """The original frame file, decoded as the function decodes it (or the decode error)."""
+def _fetch(task: Any, index: int) -> np.ndarray:
+    """The original frame file, decoded as the function decodes it."""
     data = task.get_frame(index, quality="original").read()
-    try:
-        return decode_image(data, source=f"task {task.id} frame {index}")
-    except ImageDecodeError as exc:
-        return exc
+    return decode_image(data, source=f"task {task.id} frame {index}")
 
 
 def send_shapes(task: Any, shapes: list[models.LabeledShapeRequest]) -> None:

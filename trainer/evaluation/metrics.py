@@ -222,7 +222,7 @@ def predict_records(
 
     from serverless.errors import UserError
     from serverless.imageio import read_image
-    from trainer.inference import prefetch
+    from trainer.inference import detect_each
 
     class_ids = {name: i + 1 for i, name in enumerate(detector.labels)}
     missing = [r for r in records if r.path is None]
@@ -232,22 +232,20 @@ def predict_records(
             "evaluation needs exports with images"
         )
     gts, preds = [], []
-    loaded = prefetch(lambda record: (record, read_image(record.path)), records)
-    for record, image in tqdm(
-        loaded, total=len(records), desc="evaluate", unit="img", disable=not progress
+    detected = detect_each(detector, records, lambda record: read_image(record.path), threshold=0.0)
+    for record, image, det in tqdm(
+        detected, total=len(records), desc="evaluate", unit="img", disable=not progress
     ):
+        if det is None:
+            raise image  # the decode error: an evaluation image must be readable
         gts.append(record_target(record, class_ids, masks=masks))
-        det = detector.detect(image, threshold=0.0)
         pred = {
             "boxes": det.boxes.astype(np.float64).reshape(-1, 4),
             "scores": det.scores.astype(np.float64),
             "labels": np.array([class_ids[name] for name in det.labels], dtype=np.int64),
         }
         if masks:
-            pred["masks"] = [
-                _encode(_paste(crop, box, image.shape[:2]))
-                for crop, box in zip(det.masks, det.mask_boxes, strict=True)
-            ]
+            pred["masks"] = [_encode(det.full_mask(i, image.shape[:2])) for i in range(len(det))]
         preds.append(pred)
     return gts, preds
 
@@ -262,14 +260,6 @@ def record_target(record: ImageRecord, class_ids: dict[str, int], *, masks: bool
     if masks:
         target["masks"] = [_encode(s.to_mask(record.width, record.height)) for s in shapes]
     return target
-
-
-def _paste(crop: np.ndarray, box: tuple[int, int, int, int], hw: tuple[int, int]) -> np.ndarray:
-    """A detector mask (bitmap of its inclusive box) on a full-image canvas."""
-    full = np.zeros(hw, dtype=bool)
-    x1, y1 = box[0], box[1]
-    full[y1 : y1 + crop.shape[0], x1 : x1 + crop.shape[1]] = crop
-    return full
 
 
 def _encode(mask: np.ndarray) -> dict:
