@@ -24,6 +24,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from serverless.bundle import BundleError, BundleInfo, load_model
+from serverless.errors import DeviceError
 from serverless.mask_polygon import TOLERANCE, mask_to_polygon
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,16 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is visible to PyTorch")
-    return torch.device(device)
+        raise DeviceError(
+            f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu or auto"
+        )
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"--device {device}: expected auto, cpu, cuda or cuda:N ({exc})") from None
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return chosen
 
 
 def tile_windows(width: int, height: int, tile: int, overlap: int) -> list[Window]:

@@ -16,9 +16,13 @@ class UnknownArchitectureError(ValueError):
     """An architecture name that is not registered."""
 
 
+class DeviceError(ValueError):
+    """A device was asked for that this machine does not have (e.g. cuda without a GPU)."""
+
+
 class UserError(Exception):
     """Bad input or configuration: the message names the file or field and what was expected."""
 
 
 #: What the CLI prints as ``error: <message>`` with exit code 2 instead of a traceback.
-USER_ERRORS = (UserError, BundleError, ImageDecodeError, UnknownArchitectureError)
+USER_ERRORS = (UserError, BundleError, ImageDecodeError, UnknownArchitectureError, DeviceError)

@@ -6,10 +6,11 @@ import argparse
 from types import SimpleNamespace
 
 import pytest
+from cvat_sdk.api_client.exceptions import NotFoundException
 
 from serverless.errors import UserError
 from trainer.commands import add_options, read_options
-from trainer.cvat import download as cvat_server
+from trainer.cvat import server as cvat_server
 from trainer.data.options import DataOptions, load_from_args, split_from_args
 
 
@@ -83,7 +84,7 @@ class FakeRepo:
 
     def retrieve(self, obj_id):
         if obj_id not in self.entities:
-            raise RuntimeError(f"(404) Not found: {obj_id}")
+            raise NotFoundException(status=404, reason="Not Found")
         return self.entities[obj_id]
 
 

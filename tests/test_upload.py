@@ -23,13 +23,13 @@ from serverless.detector import Detector
 from serverless.errors import UserError
 from tests.factories import make_bundle
 from trainer.commands import main
-from trainer.cvat import download as cvat_server
+from trainer.cvat import server as cvat_server
 from trainer.cvat.upload import (
     UploadOptions,
     annotated_frames,
     find_tasks,
     report_lines,
-    server_errors,
+    upload_errors,
     upload_predictions,
 )
 
@@ -280,7 +280,7 @@ def test_server_error_is_one_line_and_earlier_batches_stay(detector):
 
     task.update_annotations = fail_second
     expected = r"answered 500 Internal Server Error; shapes already sent"
-    with pytest.raises(UserError, match=expected), server_errors("https://cvat.example.org"):
+    with pytest.raises(UserError, match=expected), upload_errors("https://cvat.example.org"):
         upload(FakeClient([task]), detector, [task], batch_frames=1)
     assert [s.frame for s in sent[0].shapes] == [0]
 

@@ -183,14 +183,10 @@ def _load_detector(run_dir: str, device: str, labels: list[str] | None) -> Detec
     """The model, once its labels are known to cover --labels (loading weights takes a while)."""
     from serverless.bundle import load_info
     from serverless.detector import Detector
-    from serverless.errors import UserError
     from trainer.crop.exporter import check_labels
 
     check_labels(labels, load_info(run_dir).labels)
-    try:
-        return Detector(run_dir, device)
-    except RuntimeError as exc:  # e.g. --device cuda without a visible GPU
-        raise UserError(f"--device {device}: {exc}") from exc
+    return Detector(run_dir, device)
 
 
 def _load_all_labels(data_options: DataOptions) -> DetectionData:

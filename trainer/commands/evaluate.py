@@ -65,10 +65,7 @@ def run(args: argparse.Namespace) -> int:
     info = load_info(args.run)  # a clear error before any data is read
     if args.iou_type == "segm" and info.shape_type != "mask":
         raise UserError(f"{args.run}: --iou-type segm needs a mask model (this one serves boxes)")
-    try:
-        device = pick_device(args.device)
-    except RuntimeError as exc:
-        raise UserError(f"--device {args.device}: {exc}") from exc
+    device = pick_device(args.device)
     data = load_from_args(read_options(DataOptions, args))
     name, records = _select(args.subset, data, _run_split_options(args, info.provenance))
     _check_labels(records, info.labels)

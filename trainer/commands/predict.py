@@ -118,12 +118,12 @@ def _run_folder(args: argparse.Namespace) -> int:
 def _run_server(args: argparse.Namespace) -> int:
     from serverless.detector import Detector
     from serverless.errors import UserError
-    from trainer.cvat.download import connect
+    from trainer.cvat.server import connect
     from trainer.cvat.upload import (
         UploadOptions,
         find_tasks,
         report_lines,
-        server_errors,
+        upload_errors,
         upload_predictions,
     )
 
@@ -138,7 +138,7 @@ def _run_server(args: argparse.Namespace) -> int:
     detector = Detector(args.run, args.device)
     if args.polygons and not detector.has_masks:
         raise UserError(f"--polygons: {args.run} is a box model ({detector.info.architecture})")
-    with connect(args.server) as client, server_errors(args.server):
+    with connect(args.server) as client, upload_errors(args.server):
         tasks = find_tasks(client, args.tasks or (), args.project)
         for report in upload_predictions(client, detector, tasks, options):
             for line in report_lines(report, args.dry_run):

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 from cvat_sdk import models
-from cvat_sdk.api_client.exceptions import ApiException, ForbiddenException, NotFoundException
+from cvat_sdk.api_client.exceptions import ForbiddenException, NotFoundException
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
 from tqdm import tqdm
 
@@ -26,6 +26,7 @@ from serverless.detector import Detector
 from serverless.errors import UserError
 from serverless.imageio import decode_image
 from trainer.cvat.sdk_function import to_shapes
+from trainer.cvat.server import server_errors
 from trainer.inference import detect_each
 
 
@@ -54,33 +55,30 @@ class TaskReport:
     created: list[str] = field(default_factory=list)  # labels added (or to be added)
 
 
-@contextmanager
-def server_errors(url: str) -> Iterator[None]:
-    """CVAT's HTTP and connection errors as one clear line instead of a traceback."""
-    from urllib3.exceptions import HTTPError
+#: What a user can do after a failed upload.
+RERUN = "shapes already sent stay in their tasks; run again to continue with the empty frames"
 
-    rerun = "shapes already sent stay in their tasks; run again to continue with the empty frames"
-    try:
-        yield
-    except ApiException as exc:
-        raise UserError(
-            f"{url}: the CVAT server answered {exc.status} {exc.reason}; {rerun}"
-        ) from exc
-    except HTTPError as exc:
-        raise UserError(f"{url}: cannot reach the CVAT server ({exc}); {rerun}") from exc
+
+def upload_errors(url: str) -> AbstractContextManager[None]:
+    """:func:`~trainer.cvat.server.server_errors` of an upload, which a rerun continues."""
+    return server_errors(url, then=RERUN)
 
 
 def find_tasks(client: Any, task_ids: Iterable[int] = (), project_id: int | None = None) -> list:
     """The tasks named by id, or every task of a project, as cvat-sdk Task proxies."""
+    what = f"project {project_id}"
     try:
         if project_id is not None:
             tasks = client.projects.retrieve(project_id).get_tasks()
             if not tasks:
                 raise UserError(f"project {project_id} has no tasks")
             return sorted(tasks, key=lambda t: t.id)
-        return [client.tasks.retrieve(task_id) for task_id in task_ids]
+        found = []
+        for task_id in task_ids:
+            what = f"task {task_id}"
+            found.append(client.tasks.retrieve(task_id))
+        return found
     except (NotFoundException, ForbiddenException) as exc:
-        what = f"project {project_id}" if project_id is not None else "a task in --tasks"
         raise UserError(f"{what} does not exist or you may not access it ({exc.status})") from exc
 
 

@@ -108,7 +108,7 @@ def load_from_args(options: DataOptions, *, require_images: bool = True) -> Dete
 
     sources = list(options.data)
     if options.server:
-        from trainer.cvat.download import connect, download_exports
+        from trainer.cvat.server import connect, download_exports
 
         client = connect(options.server)
         cache = default_cache_dir() / "downloads"
