@@ -3,6 +3,8 @@
 ``model.json`` says what the network is (architecture, labels, preprocessing, calibrated thresholds,
 provenance); ``weights.pt`` is a plain state_dict loaded with ``weights_only=True`` so that a bundle
 can never run code. This module must not import ``trainer``: bundles load where only the runtime is.
+torch is imported where weights are read or written, so that reading a bundle's description (and
+writing files atomically) stays light for the commands that never run a model.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from serverless.architectures import build_model, get_architecture
 from serverless.errors import BundleError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "cvat-detector-bundle"
 FORMAT_VERSION = 1
@@ -107,6 +110,8 @@ def load_model(
     path = Path(bundle_dir) / WEIGHTS
     if not path.exists():
         raise BundleError(f"{bundle_dir}: no {WEIGHTS}")
+    import torch
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return info, model.eval().to(device)
@@ -114,6 +119,8 @@ def load_model(
 
 def save_bundle(bundle_dir: str | Path, info: BundleInfo, state_dict: dict[str, torch.Tensor]) -> None:
     """Write weights then model.json, each atomically, so a reader never sees a half bundle."""
+    import torch
+
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}

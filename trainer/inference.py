@@ -14,15 +14,17 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from serverless.bundle import atomic_write
-from serverless.detector import Detections, Detector
 from serverless.imageio import ImageDecodeError, read_image
+
+if TYPE_CHECKING:  # the model is handed in: crops of annotations use this module without torch
+    from serverless.detector import Detections, Detector
 
 #: File types the shared decoder reads (matched case-insensitively).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})

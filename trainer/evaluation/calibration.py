@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 #: Used when the data give no evidence (no true positive at any threshold).
 FALLBACK_THRESHOLD = 0.5
@@ -177,9 +179,6 @@ def _class_ids(target: dict, num_classes: int, what: str) -> np.ndarray:
 
 def _match(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray, iou: float) -> np.ndarray:
     """True-positive flag per prediction (input order), greedy in descending score order."""
-    import torch
-    from torchvision.ops import box_iou
-
     tp = np.zeros(len(boxes), dtype=bool)
     if not len(gt_boxes):
         return tp

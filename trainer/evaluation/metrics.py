@@ -19,6 +19,13 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
+from faster_coco_eval.core import mask as mask_utils
+from tqdm import tqdm
+
+from serverless.errors import UserError
+from serverless.imageio import read_image
+from trainer.inference import detect_each
 
 if TYPE_CHECKING:
     from serverless.detector import Detector
@@ -56,8 +63,6 @@ def evaluate_detections(
     iou_type: str = "bbox",
 ) -> EvalResult:
     """COCO-evaluate ``preds`` against ``gts`` (same order: one dict per image)."""
-    from faster_coco_eval import COCO, COCOeval_faster
-
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     if len(gts) != len(preds):
@@ -158,8 +163,6 @@ def _annotations(
 
 
 def _rles(target: dict, hw: tuple[int, int], count: int, what: str) -> list[dict]:
-    from faster_coco_eval.core import mask as mask_utils
-
     masks = target.get("masks")
     if masks is None:
         raise ValueError(f"{what}: iou_type 'segm' needs 'masks'")
@@ -175,8 +178,6 @@ def _rles(target: dict, hw: tuple[int, int], count: int, what: str) -> list[dict
 
 
 def _rle_area(rle: dict) -> float:
-    from faster_coco_eval.core import mask as mask_utils
-
     return float(np.asarray(mask_utils.area([rle])).reshape(-1)[0])
 
 
@@ -218,12 +219,6 @@ def predict_records(
     whose label the model does not know are left out. With ``masks``, both carry COCO RLE masks
     for ``iou_type="segm"``.
     """
-    from tqdm import tqdm
-
-    from serverless.errors import UserError
-    from serverless.imageio import read_image
-    from trainer.inference import detect_each
-
     class_ids = {name: i + 1 for i, name in enumerate(detector.labels)}
     missing = [r for r in records if r.path is None]
     if missing:
@@ -263,6 +258,4 @@ def record_target(record: ImageRecord, class_ids: dict[str, int], *, masks: bool
 
 
 def _encode(mask: np.ndarray) -> dict:
-    from faster_coco_eval.core import mask as mask_utils
-
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

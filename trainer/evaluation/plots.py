@@ -1,7 +1,7 @@
 """Pictures of a run: loss/mAP history, precision-recall and F1 curves, predictions on images.
 
-matplotlib is imported inside the functions (CLI start stays fast) and used through ``Figure``
-objects with the Agg canvas, never pyplot, so plotting works headless and in worker threads.
+matplotlib is used through ``Figure`` objects with the Agg canvas, never pyplot, so plotting works
+headless and in worker threads.
 Every PNG is written atomically.
 """
 
@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from faster_coco_eval.core import mask as mask_utils
+from matplotlib import colormaps, font_manager
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from serverless.bundle import HISTORY_CSV, PLOTS, atomic_write
 from trainer.evaluation.calibration import Calibration, Curve
@@ -105,10 +111,6 @@ def draw_predictions(
     gt: dict | None = None,
 ) -> None:
     """The image with predicted boxes (class colour, "label score"), tinted masks, white truth."""
-    import torch
-    from PIL import Image
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-
     image = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1)
     classes = np.asarray(pred["labels"], dtype=np.int64).reshape(-1)
     colors = [_class_color(c, len(labels)) for c in classes]
@@ -177,8 +179,6 @@ def _float(text: Any) -> float:
 
 
 def _figure(figsize: tuple[float, float]) -> Any:
-    from matplotlib.figure import Figure
-
     return Figure(figsize=figsize, dpi=100, layout="constrained")
 
 
@@ -201,8 +201,6 @@ def _write(out_png: str | Path, buffer: io.BytesIO) -> None:
 
 
 def _class_color(class_id: int, num_classes: int) -> tuple[int, int, int]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if num_classes <= 10 else "tab20"]
     r, g, b, _ = cmap((class_id - 1) % cmap.N)
     return int(r * 255), int(g * 255), int(b * 255)
@@ -210,14 +208,10 @@ def _class_color(class_id: int, num_classes: int) -> tuple[int, int, int]:
 
 def _font(hw: Sequence[int]) -> tuple[str, int]:
     """matplotlib's bundled DejaVu Sans, sized to the image so labels stay legible."""
-    from matplotlib import font_manager
-
     return font_manager.findfont("DejaVu Sans"), max(10, min(hw) // 40)
 
 
 def _boxes(boxes: Any) -> Any:
-    import torch
-
     boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
     boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2])  # degenerate boxes still draw
     return boxes
@@ -227,6 +221,4 @@ def _full_masks(masks: Any, hw: Sequence[int]) -> np.ndarray:
     """(N, H, W) bool from bool arrays or COCO RLE dicts."""
     if isinstance(masks, np.ndarray):
         return masks.astype(bool).reshape(-1, *hw)
-    from faster_coco_eval.core import mask as mask_utils
-
     return np.moveaxis(mask_utils.decode(list(masks)), -1, 0).astype(bool)

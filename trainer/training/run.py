@@ -42,6 +42,9 @@ from serverless.errors import UserError
 from trainer import __version__
 from trainer.data.records import DetectionData
 from trainer.data.splits import Split
+from trainer.evaluation import plots, report
+from trainer.evaluation.calibration import calibrate_thresholds
+from trainer.evaluation.metrics import evaluate_detections, record_target
 from trainer.training import checkpoint, distributed, weights
 from trainer.training.config import TrainConfig
 from trainer.training.dataset import DetectionDataset, GroupedBatchSampler, collate
@@ -298,8 +301,6 @@ def fit(run: Run) -> None:
 def validate(run: Run) -> tuple[list[dict], list[dict]]:
     """Ground truth and raw predictions of the validation split, gathered on rank 0."""
     # the bare network: DDP's forward would sync buffers, a collective with uneven shards
-    from trainer.evaluation.metrics import record_target
-
     shards = distributed.gather(predict(run.net, run.val_loader, run.precision))
     preds_by_index = {k: v for shard in shards for k, v in shard.items()}
     order = sorted(preds_by_index)
@@ -308,8 +309,6 @@ def validate(run: Run) -> tuple[list[dict], list[dict]]:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    from trainer.evaluation.metrics import evaluate_detections
-
     if not len(run.val_set):
         return {}
     gts, preds = validate(run)
@@ -397,10 +396,6 @@ def provenance(run: Run) -> dict[str, Any]:
 
 
 def _calibrate_and_report(run: Run, info: BundleInfo, gts: list[dict], preds: list[dict]) -> BundleInfo:
-    from trainer.evaluation import plots, report
-    from trainer.evaluation.calibration import calibrate_thresholds
-    from trainer.evaluation.metrics import evaluate_detections
-
     result = evaluate_detections(gts, preds, info.labels, max_dets=info.detections_per_img)
     calibration = calibrate_thresholds(gts, preds, info.labels)
     info.threshold = float(calibration.threshold)
