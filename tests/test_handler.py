@@ -27,7 +27,8 @@ from tests.factories import make_bundle
 from tests.test_shapes import assert_cvat_shapes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTURE = SHARED / "cvat-captures" / "interactive_request_body.json"
+CAPTURES = Path(__file__).parent / "data" / "cvat_captures"  # a copy of ../shared/cvat-captures
+CAPTURE = CAPTURES / "interactive_request_body.json"
 LABELS = ["cell", "debris"]
 W, H = 96, 64
 
@@ -300,3 +301,11 @@ def test_mask_detections_reach_cvat_as_bitmap_and_polygon(platform, monkeypatch)
         40.0,
         34.0,
     ]
+
+
+@pytest.mark.parametrize("name", ["interactive_request_body.json", "cvat_lambda_functions_listing.json"])
+def test_shipped_captures_are_the_shared_ones(name):
+    shared = SHARED / "cvat-captures" / name
+    if not shared.is_file():
+        pytest.skip(f"{shared} is not here (a clone without ../shared)")
+    assert (CAPTURES / name).read_bytes() == shared.read_bytes()

@@ -22,8 +22,7 @@ from trainer.deploy import nuclio as package
 from trainer.deploy.nuclio import function_name, label_spec, package_function
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CAPTURES = SHARED / "cvat-captures"
+CAPTURES = Path(__file__).parent / "data" / "cvat_captures"  # a copy of ../shared/cvat-captures
 LABELS = ["RBC", "WBC", "Platelets"]
 #: Python inside the CUDA PyTorch image (pytorch/pytorch 2.5.1 images ship Python 3.11.10).
 IMAGE_PYTHON = {"pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime": "3.11"}

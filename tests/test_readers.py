@@ -30,6 +30,20 @@ def test_bccd_both_formats_yield_the_same_dataset(bccd_dir, tmp_path):
     assert boxes_by_key(xml) == boxes_by_key(coco)
 
 
+def test_real_cvat_exports_in_both_formats_yield_the_same_dataset(bccd_subset, tmp_path):
+    xml = load_dataset([bccd_subset["cvat"]], cache_dir=tmp_path)
+    coco = load_dataset([bccd_subset["coco"]], cache_dir=tmp_path)
+    for data in (xml, coco):
+        assert data.labels == ["RBC", "WBC", "Platelets"]
+        assert data.summary()["subsets"] == {"Train": 8, "Validation": 4}
+        assert data.summary()["objects_per_label"] == {"RBC": 176, "WBC": 11, "Platelets": 11}
+        assert data.skipped[DEGENERATE] == 2  # two zero-width boxes in the subset
+        assert all(im.path is not None and im.path.is_file() for im in data.images)
+    assert boxes_by_key(xml) == boxes_by_key(coco)
+    only = load_dataset([bccd_subset["cvat"]], labels=["Platelets", "WBC"], cache_dir=tmp_path)
+    assert only.skipped[NOT_SELECTED] == 176 and only.skipped[UNSELECTED] == 1  # RBCs only: 00228
+
+
 def test_synthetic_box_export_both_formats_agree(synth_exports, tmp_path):
     xml = load_dataset([synth_exports["cvat"]], cache_dir=tmp_path)
     coco = load_dataset([synth_exports["coco"]], cache_dir=tmp_path)
