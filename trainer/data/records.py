@@ -65,10 +65,19 @@ class ImageRecord:
     shapes: list[Shape] = field(default_factory=list)
     task_id: int | None = None
     frame: int | None = None
+    #: Tells apart same-named images of different sources (e.g. "task 15"); empty when the
+    #: subset and name alone are unique.
+    source: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.subset, self.name)
+
+    @property
+    def identity(self) -> str:
+        """The image's name across exports and runs (split roles, recorded validation sets):
+        ``subset/name``, prefixed by ``source:`` when that is needed to tell images apart."""
+        return f"{self.source}:{self.subset}/{self.name}" if self.source else f"{self.subset}/{self.name}"
 
 
 @dataclass
