@@ -1,6 +1,6 @@
 """The Nuclio function CVAT calls: ``init_context`` loads the bundle, ``handler`` serves a frame.
 
-Request (the CVAT ⇄ Nuclio contract in DESIGN.md): POST JSON ``{"image": base64 of the frame file,
+Request (the CVAT ⇄ Nuclio contract in docs/design.md): POST JSON ``{"image": base64 of the frame file,
 "threshold": number}``. ``threshold`` is absent when the CVAT user set none; the bundle's calibrated
 thresholds apply then. Response: 200 with a JSON list of shapes (:mod:`serverless.cvat_shapes`).
 A request that cannot be served as sent (no image, bad base64, not an image, too many pixels, bad
