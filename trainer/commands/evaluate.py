@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.commands import add_options
+from trainer.commands import add_model_options, add_options
 from trainer.data.options import DataOptions
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["bbox", "segm"],
         help="compare boxes, or masks of a mask model (default: %(default)s)",
     )
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
+    add_model_options(g, threshold=False)
     g.add_argument(
         "--out", help="folder for results.txt, metrics.json, plots (default: RUN/eval-SUBSET)"
     )
