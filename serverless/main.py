@@ -13,6 +13,8 @@ Settings (environment, ``spec.env`` in function.yaml):
   package, which is ``/opt/nuclio/bundle`` in a function made by ``python -m trainer package``.
 - ``CVAT_DETECTOR_DEVICE``: ``auto`` (default: the GPU when one is visible), ``cuda:1``, ``cpu``.
 - ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
+- ``CVAT_DETECTOR_SCORE_ATTRIBUTE``, ``CVAT_DETECTOR_SCORE_FORMAT``: return each detection's score as
+  this attribute (see :mod:`serverless.score_attribute`); unset: no attributes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from serverless.cvat_shapes import to_cvat_shapes
 from serverless.detector import Detector
 from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
+from serverless.score_attribute import ScoreAttribute
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
 DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
@@ -55,12 +58,14 @@ def init_context(context: Any) -> None:
     """Load the bundle once per worker, on the GPU when present, and warm it up."""
     bundle = Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
     max_pixels = _env_int(MAX_PIXELS_ENV, MAX_PIXELS)
+    score = ScoreAttribute.from_env()
     start = time.perf_counter()
     detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto")
     loaded = time.perf_counter()
     detector.warmup()
     context.user_data.detector = detector
     context.user_data.max_pixels = max_pixels
+    context.user_data.score = score
     device = detector.device
     context.logger.info_with(
         "cvat-detector model loaded",
@@ -72,6 +77,7 @@ def init_context(context: Any) -> None:
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         load_s=round(loaded - start, 2),
         warmup_s=round(time.perf_counter() - loaded, 2),
+        score_attribute=f"{score.name} ({score.fmt})" if score else None,
     )
 
 
@@ -81,7 +87,8 @@ def handler(context: Any, event: Any) -> Any:
     try:
         request = parse_request(event.body)
         image = decode_image(request.image, "image", context.user_data.max_pixels)
-        shapes = to_cvat_shapes(context.user_data.detector.detect(image, request.threshold))
+        detections = context.user_data.detector.detect(image, request.threshold)
+        shapes = to_cvat_shapes(detections, score=context.user_data.score)
     except (BadRequest, ImageDecodeError) as exc:
         context.logger.warn_with("request rejected", error=str(exc))
         return _response(context, {"error": str(exc)}, 400)

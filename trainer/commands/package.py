@@ -3,9 +3,15 @@
 The directory holds function.yaml (project cvat, a detector whose labels are the run's labels, one
 GPU, one worker), main.py, the serverless runtime and the bundle. Deploy it with deploy_gpu.sh.
 
+Scores: every label declares an attribute "score" and each detection returns its score in it
+("0.873"). CVAT keeps it when the task's label has an attribute of that name: type text, or with
+--score-format percent ("87") type number with min 0, max 100, step 1 (never a fractional step:
+CVAT then fails every call). A task label without the attribute simply gets the shapes.
+
 Examples:
   python -m trainer package runs/bccd --out functions/bccd
   python -m trainer package runs/bccd --out functions/bccd-cpu --name "BCCD cells (CPU)" --cpu
+  python -m trainer package runs/bccd --out functions/bccd --score-format percent
   ./deploy_gpu.sh functions/bccd
 """
 
@@ -33,13 +39,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU base image and no GPU limit (slower; no NVIDIA needed)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    score = parser.add_argument_group("score attribute")
+    score.add_argument(
+        "--score-attribute", default="score", metavar="NAME", type=_attribute_name,
+        help="attribute the score is returned as (default: %(default)s)",
+    )  # fmt: skip
+    score.add_argument(
+        "--score-format", default="decimal", choices=("decimal", "percent"),
+        help='decimal: "0.873" for a text attribute (default); percent: "87" for a number '
+        "attribute 0-100 step 1",
+    )  # fmt: skip
+    score.add_argument("--no-score", action="store_true", help="declare and return no score attribute")
+
+
+def _attribute_name(text: str) -> str:
+    from serverless.score_attribute import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
+    from serverless.score_attribute import ScoreAttribute
     from trainer.deploy.nuclio import package_function
 
+    score = None if args.no_score else ScoreAttribute(args.score_attribute, args.score_format)
     done = package_function(
-        args.run, args.out, name=args.name, cpu=args.cpu, overwrite=args.overwrite
+        args.run, args.out, name=args.name, cpu=args.cpu, overwrite=args.overwrite, score=score
     )
     info, out = done.info, done.out
     print(
@@ -47,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
         f"{info.architecture}, {len(info.labels)} {info.shape_type} labels "
         f"({', '.join(info.labels)}), {'CPU' if done.cpu else 'GPU'}"
     )
+    if score is not None:
+        kind = "number 0-100 step 1" if score.fmt == "percent" else "text"
+        print(
+            f"  scores returned as attribute {score.name!r} ({score.fmt}): give the task labels an "
+            f"attribute {score.name!r} of type {kind} to keep them"
+        )
     print(f"  {out / 'function.yaml'}")
     print(f"  {out / 'main.py'}")
     print(f"  {out / 'serverless'}/ ({', '.join(done.runtime_files)})")

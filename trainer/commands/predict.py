@@ -6,8 +6,10 @@ optional previews with boxes and scores drawn. Unreadable files are listed and s
 
 Server: detections go into the tasks through cvat-sdk, only on frames without annotations unless
 --all-frames (existing shapes are never deleted). --label-suffix _NV (or --nv) writes them under
-"<label>_NV" labels to mark them not validated. Credentials come from the environment:
-CVAT_ACCESS_TOKEN, or CVAT_USER and CVAT_PASSWORD.
+"<label>_NV" labels to mark them not validated. Each score is also written as the attribute
+"score" of a task label that has one (type text: "0.873"; number 0-100 step 1: "87"), the only
+place CVAT keeps it. Credentials come from the environment: CVAT_ACCESS_TOKEN, or CVAT_USER and
+CVAT_PASSWORD.
 
 examples:
   python -m trainer predict runs/bccd --images photos/ --out photos.json --previews previews/
@@ -64,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--all-frames", action="store_true", help="also annotated frames (nothing is deleted)"
     )
     server.add_argument("--polygons", action="store_true", help="masks as polygons (mask models)")
+    server.add_argument(
+        "--score-attribute", default="score", metavar="NAME",
+        help="task label attribute that receives each score, when the label has it ('' for none; "
+        "default: %(default)s)",
+    )  # fmt: skip
     server.add_argument("--dry-run", action="store_true", help="print what would be written")
 
 
@@ -123,6 +130,7 @@ def _run_server(args: argparse.Namespace) -> int:
         create_labels=args.create_labels,
         polygons=args.polygons,
         dry_run=args.dry_run,
+        score_attribute=args.score_attribute,
     )
     detector = Detector(args.run, args.device)
     if args.polygons and not detector.has_masks:

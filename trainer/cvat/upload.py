@@ -4,7 +4,12 @@ By default only frames nobody has annotated get detections: a frame with any sha
 it is human work and is left alone. Existing annotations are never deleted. A label suffix ("_NV",
 not validated) keeps predictions apart from validated labels until a person confirms them. Shapes
 are written in batches of frames, so an interrupted run keeps what it sent and a rerun carries on
-with the frames still empty. Every cvat-sdk call of the upload lives in this module.
+with the frames still empty. Each shape carries its score as the attribute named ``score`` (by
+default) when its task label has one: written by the attribute's own id, in the form its type
+takes (number: percent, otherwise a decimal) and only when cvat-sdk's validator of that attribute
+accepts the value; a label without it gets the shape alone. Tags of the label ``annotate-next``
+(what ``suggest --mark`` writes) do not make a frame annotated. Every cvat-sdk call of the upload
+lives in this module.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from typing import Any
 import numpy as np
 from cvat_sdk import models
 from cvat_sdk.api_client.exceptions import ForbiddenException, NotFoundException
+from cvat_sdk.attributes import attribute_value_validator
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
 from tqdm import tqdm
 
 from serverless.detector import Detector
 from serverless.errors import UserError
 from serverless.imageio import decode_image
-from trainer.cvat.sdk_function import to_shapes
+from serverless.score_attribute import DEFAULT_NAME
+from trainer.cvat.sdk_function import ScoreSlot, to_shapes
 from trainer.cvat.server import server_errors
 from trainer.inference import detect_each
 
@@ -39,6 +46,7 @@ class UploadOptions:
     polygons: bool = False  # masks as polygons (mask bundles)
     dry_run: bool = False  # detect and report, send nothing
     batch_frames: int = 50  # frames per request
+    score_attribute: str = DEFAULT_NAME  # task label attribute that gets the score ("": none)
 
 
 @dataclass
@@ -53,8 +61,13 @@ class TaskReport:
     shapes: Counter[str] = field(default_factory=Counter)  # per task label name
     missing: Counter[str] = field(default_factory=Counter)  # detections of labels the task lacks
     created: list[str] = field(default_factory=list)  # labels added (or to be added)
+    scores: int = 0  # score attribute values written (or to be written)
+    score_notes: list[str] = field(default_factory=list)  # why scores were not written somewhere
 
 
+#: Tag label whose tags mark frames suggested for annotation (``suggest --mark``); such a tag does
+#: not make a frame annotated.
+SUGGEST_TAG = "annotate-next"
 #: What a user can do after a failed upload.
 RERUN = "shapes already sent stay in their tasks; run again to continue with the empty frames"
 
@@ -98,17 +111,20 @@ def upload_task(client: Any, detector: Detector, task: Any, options: UploadOptio
     if detector.has_masks and options.polygons:
         shape_type = "polygon"
     label_ids, id_names = resolve_labels(client, task, detector.labels, shape_type, options, report)
+    targets = {name: name + options.label_suffix for name in detector.labels}
+    slots = score_slots(task, targets, options.score_attribute, report)
     frames = eligible_frames(task, options.all_frames, report)
     batch: list[models.LabeledShapeRequest] = []
     batch_frames = 0
-    detected = detect_each(detector, frames, partial(_fetch, task), options.threshold)
+    detected = detect_each(detector, frames, partial(fetch_frame, task), options.threshold)
     for index, image, detections in tqdm(
         detected, total=len(frames), desc=f"task {task.id}", unit="frame"
     ):
         if detections is None:
             report.failed.append(str(image))
             continue
-        shapes = to_shapes(detections, label_ids, polygons=options.polygons)
+        shapes = to_shapes(detections, label_ids, polygons=options.polygons, scores=slots)
+        report.scores += sum(len(shape.attributes) for shape in shapes)
         report.missing.update(label for label in detections.labels if label not in label_ids)
         for shape in shapes:
             shape.frame, shape.source = index, "auto"
@@ -125,6 +141,10 @@ def upload_task(client: Any, detector: Detector, task: Any, options: UploadOptio
             send_shapes(task, batch)
             batch, batch_frames = [], 0
     send_shapes(task, batch)
+    report.score_notes += [
+        f"{slot.rejected} score(s) refused by attribute {options.score_attribute!r} of {targets[m]!r}"
+        for m, slot in slots.items() if slot.rejected
+    ]
     return report
 
 
@@ -166,6 +186,36 @@ def resolve_labels(
     return label_ids, id_names
 
 
+def score_slots(
+    task: Any, targets: dict[str, str], name: str, report: TaskReport
+) -> dict[str, ScoreSlot]:
+    """Model label -> where its scores go: the task label's attribute ``name``, when it has one
+    that can hold a score. A number attribute takes percent ("87"), any other a decimal ("0.873");
+    an attribute whose values cvat-sdk cannot validate is reported and left alone."""
+    if not name:
+        return {}
+    by_name = {label.name: label for label in task.get_labels()}
+    slots = {}
+    for model_label, target in targets.items():
+        attribute = next((a for a in getattr(by_name.get(target), "attributes", None) or []
+                          if a.name == name), None)  # fmt: skip
+        if attribute is None:
+            continue
+        try:
+            accepts = attribute_value_validator(attribute)
+        except ValueError as exc:  # e.g. a number attribute with a fractional step
+            report.score_notes.append(f"attribute {name!r} of {target!r} cannot hold scores: {exc}")
+            continue
+        fmt = "percent" if attribute.input_type.value == "number" else "decimal"
+        slots[model_label] = ScoreSlot(attribute.id, fmt, accepts)
+    if not slots and not report.score_notes:
+        report.score_notes.append(
+            f"no task label has an attribute {name!r}; add one (text, or number 0-100 step 1) "
+            "to keep the scores"
+        )
+    return slots
+
+
 def _new_label(name: str, base: Any, shape_type: str) -> models.PatchedLabelRequest:
     """A label like its validated counterpart (same type) if that takes the model's shapes, else
     of the type the model writes."""
@@ -194,15 +244,17 @@ def eligible_frames(task: Any, all_frames: bool, report: TaskReport) -> dict[int
     }
     if all_frames:
         return live
-    annotated = annotated_frames(task.get_annotations(), meta.size)
+    pointers = {label.id for label in task.get_labels() if label.name == SUGGEST_TAG}
+    annotated = annotated_frames(task.get_annotations(), meta.size, ignore_tags=pointers)
     frames = {i: name for i, name in live.items() if i not in annotated}
     report.skipped = len(live) - len(frames)
     return frames
 
 
-def annotated_frames(annotations: Any, size: int) -> set[int]:
-    """Frames carrying any tag, shape, or track position (tracks cover frames until 'outside')."""
-    frames = {tag.frame for tag in annotations.tags}
+def annotated_frames(annotations: Any, size: int, ignore_tags: set[int] = frozenset()) -> set[int]:
+    """Frames carrying any tag (except of the labels ``ignore_tags``), shape, or track position
+    (tracks cover frames until 'outside')."""
+    frames = {tag.frame for tag in annotations.tags if not ignore_tags or tag.label_id not in ignore_tags}
     frames |= {shape.frame for shape in annotations.shapes}
     for track in annotations.tracks:
         keyframes = sorted(track.shapes, key=lambda s: s.frame)
@@ -212,7 +264,7 @@ def annotated_frames(annotations: Any, size: int) -> set[int]:
     return frames
 
 
-def _fetch(task: Any, index: int) -> np.ndarray:
+def fetch_frame(task: Any, index: int) -> np.ndarray:
     """The original frame file, decoded as the function decodes it."""
     data = task.get_frame(index, quality="original").read()
     return decode_image(data, source=f"task {task.id} frame {index}")
@@ -246,5 +298,8 @@ def report_lines(report: TaskReport, dry_run: bool) -> list[str]:
             f"  model labels missing from task {report.task_id}, not uploaded: "
             f"{_counts(report.missing)} detection(s)"
         )
+    if report.scores:
+        lines.append(f"  scores {'would be ' if dry_run else ''}kept in {report.scores} shape(s)")
+    lines += [f"  scores: {note}" for note in report.score_notes]
     lines += [f"  skipped {reason}" for reason in report.failed]
     return lines

@@ -26,6 +26,7 @@ import yaml
 import serverless
 from serverless.bundle import LABELS_TXT, MODEL_JSON, WEIGHTS, BundleError, BundleInfo, load_info, load_model
 from serverless.errors import UserError
+from serverless.score_attribute import DEFAULT_SCORE, ScoreAttribute
 
 #: Nuclio makes Kubernetes names "nuclio-<name>" that must fit in 63 characters.
 MAX_NAME = 56
@@ -59,6 +60,7 @@ class Packaged:
     info: BundleInfo
     cpu: bool
     runtime_files: list[str]
+    score: ScoreAttribute | None = None
 
 
 def package_function(
@@ -68,14 +70,16 @@ def package_function(
     name: str | None = None,
     cpu: bool = False,
     overwrite: bool = False,
+    score: ScoreAttribute | None = DEFAULT_SCORE,
 ) -> Packaged:
     """Write the function directory ``out`` for the bundle in ``run``; refuses an existing ``out``
-    unless ``overwrite``."""
+    unless ``overwrite``. ``score`` is the attribute each detection's score is returned as
+    (None: no attribute)."""
     run, out = Path(run), Path(out)
     _check_target(run, out, overwrite)
     info = _load_checked(run)
     display_name = name or run.resolve().name
-    config = function_config(info, function_name(display_name), display_name, cpu=cpu)
+    config = function_config(info, function_name(display_name), display_name, cpu=cpu, score=score)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -84,7 +88,7 @@ def package_function(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Packaged(out, config["metadata"]["name"], display_name, info, cpu, runtime_files)
+    return Packaged(out, config["metadata"]["name"], display_name, info, cpu, runtime_files, score)
 
 
 def function_name(text: str) -> str:
@@ -103,16 +107,20 @@ def function_name(text: str) -> str:
 
 
 def function_config(
-    info: BundleInfo, name: str, display_name: str, *, cpu: bool = False
+    info: BundleInfo, name: str, display_name: str, *, cpu: bool = False,
+    score: ScoreAttribute | None = None,
 ) -> dict[str, Any]:
-    """The template's configuration filled in for one bundle (see serverless/function.yaml)."""
+    """The template's configuration filled in for one bundle (see serverless/function.yaml); with
+    ``score``, every label declares the score attribute and the function is told to return it."""
     config = yaml.safe_load(template_text())
     annotations = config["metadata"]["annotations"]
     spec = config["spec"]
     build = spec["build"]
     config["metadata"]["name"] = name
     annotations["name"] = display_name
-    annotations["spec"] = label_spec(info)
+    annotations["spec"] = label_spec(info, score)
+    if score is not None:
+        spec["env"] = [*spec.get("env", []), *score.env()]
     spec["description"] = _description(info, display_name, cpu)
     build["image"] = f"cvat.detector.{name}"
     if cpu:
@@ -137,15 +145,18 @@ def template_text() -> str:
     return resources.files("serverless").joinpath("function.yaml").read_text(encoding="utf-8")
 
 
-def label_spec(info: BundleInfo) -> str:
-    """The ``spec`` annotation CVAT parses: a JSON list of {"id", "name", "type"}, one per line."""
+def label_spec(info: BundleInfo, score: ScoreAttribute | None = None) -> str:
+    """The ``spec`` annotation CVAT parses: a JSON list of {"id", "name", "type"}, one per line;
+    with ``score``, each label also declares it in ``attributes`` (name, input_type and values:
+    a spec attribute lacking one of them makes CVAT's whole function list fail)."""
     if info.shape_type not in ("rectangle", "mask"):
         raise UserError(
             f"model.json: shape_type {info.shape_type!r} is not one CVAT detectors return "
             "(expected 'rectangle' or 'mask')"
         )
+    extra = {"attributes": [score.spec()]} if score is not None else {}
     items = [
-        json.dumps({"id": i, "name": label, "type": info.shape_type}, ensure_ascii=False)
+        json.dumps({"id": i, "name": label, "type": info.shape_type, **extra}, ensure_ascii=False)
         for i, label in enumerate(info.labels, start=1)
     ]
     return "[\n" + ",\n".join(f"  {item}" for item in items) + "\n]\n"
