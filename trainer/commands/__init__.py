@@ -21,7 +21,7 @@ from serverless.errors import USER_ERRORS, UserError
 from trainer import __version__
 
 #: Listing order of the sub-commands (modules of this package).
-ORDER = ["demo", "synth", "inspect", "train", "evaluate", "package", "predict", "crop"]
+ORDER = ["demo", "synth", "inspect", "train", "evaluate", "package", "predict", "crop", "suggest", "count"]
 
 
 def command_names() -> list[str]:
