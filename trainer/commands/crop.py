@@ -3,12 +3,15 @@
 Objects come from CVAT exports or a CVAT server (like every other command), or from a trained
 model run over a folder of images (--model RUN --images DIR). Output:
 OUT/<label>/<subset>/<image>__<object-id>.png and OUT/metadata.csv (one row per crop). A re-run
-replaces OUT as a whole; --append adds to it.
+replaces OUT as a whole; --append adds to it. --ecotaxa also writes OUT/ecotaxa_crops.tsv, so that
+OUT (or a zip of it) imports into EcoTaxa as it is, with label, validation status, score, box,
+source image, task and frame, the model, and sizes in µm with --pixel-size.
 
 examples:
   cvat-detector-crop project_export.zip --out crops/ --padding 8 --square
   cvat-detector-crop export.zip --out crops/ --labels WBC,Platelets --border pad --mask-alpha
   cvat-detector-crop --model runs/bccd --images slides/ --threshold 0.6 --out crops/
+  cvat-detector-crop export.zip --out crops/ --padding 4 --ecotaxa --pixel-size 0.65
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ def _colour(text: str) -> tuple[int, int, int]:
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise argparse.ArgumentTypeError(f"expected R,G,B with values 0-255, got {text!r}")
     return rgb  # type: ignore[return-value]
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def _workers(text: str) -> int:
@@ -107,6 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add to an existing crop folder (refuses crops it already lists)",
     )  # fmt: skip
     out.add_argument(
+        "--ecotaxa", action="store_true",
+        help="also write OUT/ecotaxa_crops.tsv, an EcoTaxa import of the crops",
+    )  # fmt: skip
+    out.add_argument(
+        "--pixel-size", type=_positive, metavar="UM",
+        help="micrometres per source pixel: object sizes in µm in the EcoTaxa table",
+    )  # fmt: skip
+    out.add_argument(
         "--workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
         help="parallel workers (default: one per CPU core)",
     )  # fmt: skip
@@ -115,6 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from serverless.errors import UserError
     from trainer.commands import read_options
+    from trainer.crop.ecotaxa import EcoTaxaOptions
     from trainer.crop.exporter import CropOptions, crop_annotations, crop_detections
     from trainer.crop.geometry import CropSpec
     from trainer.data.options import DataOptions
@@ -122,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     data_options = read_options(DataOptions, args)
     if args.mask_alpha and args.format == "source":
         raise UserError("--mask-alpha writes RGBA PNG files; it cannot go with --format source")
+    if args.pixel_size is not None and not args.ecotaxa:
+        raise UserError("--pixel-size: the sizes in µm go into the EcoTaxa table; add --ecotaxa")
     spec = CropSpec(
         padding=args.padding,
         padding_frac=args.padding_frac,
@@ -138,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         append=args.append,
         skip_missing=data_options.skip_missing,
+        ecotaxa=EcoTaxaOptions(pixel_size=args.pixel_size) if args.ecotaxa else None,
     )
     labels, read_skipped = data_options.labels, {}
     if args.model:
@@ -151,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         data = _load_all_labels(data_options)
         summary = crop_annotations(data, args.out, options, labels)
         read_skipped = data.skipped
-    _print_summary(summary, read_skipped)
+    _print_summary(summary, read_skipped, args.ecotaxa)
     return 0
 
 
@@ -196,7 +218,7 @@ def _load_all_labels(data_options: DataOptions) -> DetectionData:
     return load_from_args(replace(data_options, labels=None))
 
 
-def _print_summary(summary: CropSummary, read_skipped: dict[str, int]) -> None:
+def _print_summary(summary: CropSummary, read_skipped: dict[str, int], ecotaxa: bool) -> None:
     rate = summary.total / summary.seconds if summary.seconds else 0.0
     print(
         f"wrote {summary.total} crops of {summary.images} images to {summary.out} "
@@ -212,3 +234,7 @@ def _print_summary(summary: CropSummary, read_skipped: dict[str, int]) -> None:
     for reason, count in read_skipped.items():
         print(f"left out while reading the data: {count} x {reason}")
     print(f"metadata: {summary.out / 'metadata.csv'}")
+    if ecotaxa:
+        from trainer.crop.ecotaxa import ECOTAXA_TSV
+
+        print(f"EcoTaxa import: {summary.out / ECOTAXA_TSV} (import the folder, or a zip of it)")

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from serverless.errors import UserError
 from serverless.imageio import ImageDecodeError, read_image
+from trainer.crop.ecotaxa import EcoTaxaOptions, EcoTaxaTable, process_fields
 from trainer.crop.geometry import CropSpec, plan_region, upright_box
 from trainer.crop.output import CropOutput
 from trainer.crop.paths import image_stems, unique_names
@@ -61,6 +62,7 @@ class CropOptions:
     append: bool = False
     skip_missing: bool = False
     progress: bool = True
+    ecotaxa: EcoTaxaOptions | None = None  # also write OUT/ecotaxa_crops.tsv (an EcoTaxa import)
 
 
 @dataclass
@@ -222,8 +224,12 @@ def _executor(workers: int) -> Iterator[ThreadPoolExecutor]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _record(job: CropJob, output: CropOutput, summary: CropSummary, bar: tqdm) -> None:
+def _record(
+    job: CropJob, output: CropOutput, summary: CropSummary, bar: tqdm, table: EcoTaxaTable | None
+) -> None:
     output.write_rows(metadata_row(job, obj) for obj in job.objects)
+    if table is not None:
+        table.add(job)
     summary.images += bool(job.objects)
     summary.crops.update(obj.shape.label for obj in job.objects)
     bar.update(len(job.objects) + job.skipped)
@@ -250,6 +256,18 @@ def metadata_row(job: CropJob, obj: CropObject) -> list[str]:
     ]
 
 
+def _ecotaxa_table(output: CropOutput, options: EcoTaxaOptions | None) -> EcoTaxaTable | None:
+    if options is None:
+        return None
+    return EcoTaxaTable(output.staging, output.out, output.append, options)
+
+
+def _publish(output: CropOutput, table: EcoTaxaTable | None) -> None:
+    if table is not None:
+        table.close()
+    output.commit()
+
+
 def crop_annotations(
     data: DetectionData,
     out: str | Path,
@@ -260,6 +278,7 @@ def crop_annotations(
     start = time.perf_counter()
     summary = CropSummary(Path(out))
     with CropOutput(out, options.append) as output:
+        table = _ecotaxa_table(output, options.ecotaxa)
         total, jobs = _annotation_jobs(data, options, output, summary, labels)
         depth = 4 * max(options.workers, 1)
         work = partial(cut_image, spec=options.spec, root=str(output.staging))
@@ -268,8 +287,8 @@ def crop_annotations(
             tqdm(total=total, unit="obj", disable=not options.progress or None) as bar,
         ):
             for job, _ in ordered(work, jobs, depth, pool):
-                _record(job, output, summary, bar)
-        output.commit()
+                _record(job, output, summary, bar, table)
+        _publish(output, table)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -300,6 +319,10 @@ def crop_detections(
     ]
     stems = image_stems([r.key for r in records], by_subset=True)
     with CropOutput(out, options.append) as output:
+        ecotaxa = options.ecotaxa
+        if ecotaxa is not None and not ecotaxa.process:
+            ecotaxa = replace(ecotaxa, process=process_fields(detector))
+        table = _ecotaxa_table(output, ecotaxa)
         planner = _Planner(detector.labels, [DETECTIONS_SUBSET], options, output, summary)
         write = partial(_write_item, spec=options.spec, root=str(output.staging))
         with (
@@ -311,9 +334,9 @@ def crop_detections(
                                    lambda item: read_image(item[0].path), threshold, depth=depth, pool=pool)
             planned = _plan_detections(detected, planner, wanted)
             for (_, job), _ in ordered(write, planned, depth, pool):
-                _record(job, output, summary, bar)
+                _record(job, output, summary, bar, table)
                 bar.set_postfix_str(f"{summary.images}/{len(paths)} images")
-        output.commit()
+        _publish(output, table)
     summary.seconds = time.perf_counter() - start
     return summary
 
