@@ -24,9 +24,9 @@ from serverless.detector import Detections, Detector
 from serverless.imageio import read_image
 from tests.factories import make_bundle
 from trainer.commands import main
-from trainer.counts import MIN_GT, Evidence, correct, evidence_from_bundle
 from trainer.data.readers import load_dataset
 from trainer.data.synth import generate
+from trainer.evaluation.counts import MIN_GT, Evidence, correct, evidence_from_bundle
 
 LABELS = ["circle", "square", "triangle"]
 RECALL = 0.6
@@ -109,13 +109,19 @@ def project(tmp_path_factory) -> dict[str, Path]:
             "truth": truth, "bundle": bundle}  # fmt: skip
 
 
+def learn(truth: dict, export: Path) -> None:
+    """Let the stand-in know the objects of an export's images (by their decoded pixels)."""
+    for im in load_dataset([export]).images:
+        truth[hashlib.sha1(read_image(im.path).tobytes()).hexdigest()] = im.shapes
+
+
 @pytest.fixture
-def known_rates(monkeypatch, project):
-    """Every Detector the command builds answers with the stand-in of known error rates."""
-    truth = {}
+def known_rates(monkeypatch, project) -> dict:
+    """Every Detector the command builds answers with the stand-in of known error rates; returns
+    what it knows, so a test can add images."""
+    truth: dict = {}
     for export in (project["validation"], project["counted"]):
-        for im in load_dataset([export]).images:
-            truth[hashlib.sha1(read_image(im.path).tobytes()).hexdigest()] = im.shapes
+        learn(truth, export)
 
     class KnownRates(Detector):
         def detect(self, image: np.ndarray, threshold: float | None = None) -> Detections:
@@ -131,6 +137,7 @@ def known_rates(monkeypatch, project):
                               np.full(len(boxes), 0.9, dtype=np.float32), labels)  # fmt: skip
 
     monkeypatch.setattr(detector_module, "Detector", KnownRates)
+    return truth
 
 
 def test_corrected_counts_find_the_true_counts(project, known_rates, tmp_path, capsys):
@@ -157,6 +164,7 @@ def test_corrected_counts_find_the_true_counts(project, known_rates, tmp_path, c
 
 def test_a_small_validation_set_is_warned_about(project, known_rates, tmp_path, capsys):
     small = generate(tmp_path / "small", seed=7, train=2, val=1, empty=0, formats=("cvat",))["cvat"]
+    learn(known_rates, small)
     argv = ["count", "--model", str(project["bundle"]), "--images", str(project["images"]),
             "--validation", str(small), "--out", str(tmp_path / "c"), "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0

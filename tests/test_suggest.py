@@ -25,7 +25,7 @@ from tests.factories import make_bundle
 from tests.test_upload import FakeClient, FakeTask, label
 from trainer.commands import main
 from trainer.cvat import server as cvat_server
-from trainer.suggest import BAND, rank, score_frames
+from trainer.evaluation.suggest import BAND, rank, score_frames
 
 THRESHOLD = 0.5
 H, W = 32, 48

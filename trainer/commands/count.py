@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from serverless.errors import UserError
     from trainer.commands import read_options
-    from trainer.counts import count_annotations, split_label, tabulate
     from trainer.data.options import DataOptions, load_from_args
+    from trainer.evaluation.counts import count_annotations, split_label, tabulate
 
     options = read_options(DataOptions, args)
     if args.out.exists() and not args.out.is_dir():
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 def _model_tables(args: argparse.Namespace, options: Any, warnings: list[str]) -> tuple:
     from serverless.detector import Detector
     from serverless.errors import UserError
-    from trainer.counts import add_corrections, tabulate
+    from trainer.evaluation.counts import add_corrections, tabulate
 
     if options.data:
         raise UserError("--model counts detections on --images or --server tasks; exports go in --validation")
@@ -106,7 +106,7 @@ def _model_tables(args: argparse.Namespace, options: Any, warnings: list[str]) -
 def _count_folder(detector: Any, args: argparse.Namespace) -> tuple[list, list[str]]:
     from serverless.errors import UserError
     from serverless.imageio import read_image
-    from trainer.counts import count_detections
+    from trainer.evaluation.counts import count_detections
     from trainer.inference import find_images
 
     paths = find_images(args.images)
@@ -123,9 +123,9 @@ def _count_folder(detector: Any, args: argparse.Namespace) -> tuple[list, list[s
 
 def _count_tasks(detector: Any, args: argparse.Namespace, options: Any) -> tuple[list, list[str]]:
     from serverless.errors import UserError
-    from trainer.counts import count_detections
     from trainer.cvat.server import connect
     from trainer.cvat.upload import TaskReport, eligible_frames, fetch_frame, find_tasks, upload_errors
+    from trainer.evaluation.counts import count_detections
 
     if not options.tasks and options.project is None:
         raise UserError("--server needs --tasks IDS or --project ID")
@@ -144,7 +144,7 @@ def _count_tasks(detector: Any, args: argparse.Namespace, options: Any) -> tuple
 def _evidence(detector: Any, args: argparse.Namespace, warnings: list[str]) -> dict:
     """Precision and recall per label at the thresholds used; warnings where they are missing
     or rest on too few objects."""
-    from trainer.counts import evidence_from_bundle, evidence_from_curves
+    from trainer.evaluation.counts import evidence_from_bundle, evidence_from_curves
 
     if args.validation:
         from trainer.data.readers import load_dataset
@@ -168,7 +168,7 @@ def _evidence(detector: Any, args: argparse.Namespace, warnings: list[str]) -> d
 
 
 def _write(out: Path, tables: dict, labels: list[str], kind: str) -> None:
-    from trainer.counts import plot_counts
+    from trainer.evaluation.counts import plot_counts
 
     out.mkdir(parents=True, exist_ok=True)
     extra = CORRECTION_COLUMNS if kind == "model" else ()

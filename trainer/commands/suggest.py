@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
 def _rank_folder(args: argparse.Namespace, detector: Any) -> tuple[list, list[str], Any]:
     from serverless.errors import UserError
     from serverless.imageio import read_image
+    from trainer.evaluation.suggest import rank, score_frames
     from trainer.inference import find_images
-    from trainer.suggest import rank, score_frames
 
     paths = find_images(args.images)
     if not paths:
@@ -119,7 +119,7 @@ def _run_server(args: argparse.Namespace, detector: Any) -> int:
     from trainer.cvat.mark import mark_frames, mark_lines
     from trainer.cvat.server import connect
     from trainer.cvat.upload import TaskReport, eligible_frames, fetch_frame, find_tasks, upload_errors
-    from trainer.suggest import rank, score_frames
+    from trainer.evaluation.suggest import rank, score_frames
 
     with connect(args.server) as client, upload_errors(args.server):
         tasks = {t.id: t for t in find_tasks(client, args.tasks or (), args.project)}
@@ -154,7 +154,7 @@ def _finish(args: argparse.Namespace, ranking: list, failed: list[str], describe
             marks: list[str] | None) -> int:  # fmt: skip
     import json
 
-    from trainer.suggest import write_csv
+    from trainer.evaluation.suggest import write_csv
 
     write_csv(args.out, ranking, describe)
     rows = [_row(s, describe) for s in ranking[: args.top]]
