@@ -197,8 +197,8 @@ def score_slots(
     by_name = {label.name: label for label in task.get_labels()}
     slots = {}
     for model_label, target in targets.items():
-        attribute = next((a for a in getattr(by_name.get(target), "attributes", None) or []
-                          if a.name == name), None)  # fmt: skip
+        label = by_name.get(target)
+        attribute = next((a for a in label.attributes if a.name == name), None) if label else None
         if attribute is None:
             continue
         try:
