@@ -46,7 +46,7 @@ def pixel_limit(value: int | None = None) -> int:
 def over_limit_message(source: str, width: int, height: int, limit: int) -> str:
     """One line naming the image, its size, the limit and how to raise it."""
     return (
-        f"{source}: image is {width}x{height} = {width * height} pixels, over the limit of {limit} "
+        f"{source}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
         f"pixels; to allow it, pass --max-pixels {width * height} or set {MAX_PIXELS_ENV}={width * height}"
     )
 
@@ -87,10 +87,20 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as CVAT reports it: after EXIF orientation, without decoding pixels."""
+    """(width, height) as CVAT reports it: after EXIF orientation, without decoding pixels.
+
+    A PNG's ``getexif`` decodes the whole image to look for an eXIf chunk after the pixel data
+    (minutes for a whole slide), so a PNG's EXIF is taken from the chunks before them only.
+    """
     with Image.open(path) as img:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        if img.format == "PNG":
+            exif = Image.Exif()
+            if "exif" in img.info:
+                exif.load(img.info["exif"])
+        else:
+            exif = img.getexif()
+        orientation = exif.get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
