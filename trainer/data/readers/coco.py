@@ -16,7 +16,7 @@ from pathlib import Path
 
 from serverless.errors import UserError
 from trainer.data.readers.geometry import bitmap_shape, finish, points_box, rotated_box
-from trainer.data.readers.masks import decode_coco_rle
+from trainer.data.readers.masks import coco_rle_window
 from trainer.data.readers.parsed import (
     DEGENERATE,
     ROTATED,
@@ -144,8 +144,8 @@ def _shape(ann: dict, label: str, image: ImageRecord, out: ParsedExport) -> Shap
         "object_id": ident if isinstance(ident, int) and not isinstance(ident, bool) else None,
     }
     if isinstance(seg, dict):
-        bitmap = decode_coco_rle(seg, image.width, image.height)
-        shape = bitmap_shape(bitmap, 0, 0, **common)
+        window = coco_rle_window(seg, image.width, image.height)
+        shape = bitmap_shape(window[0], window[1], 0, **common) if window is not None else None
         if shape is None:
             out.skip(DEGENERATE, label)
             return None
