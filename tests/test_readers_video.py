@@ -187,3 +187,28 @@ def test_video_format_is_named_in_the_parsed_export(tmp_path):
     from trainer.data.readers import read_export
 
     assert read_export(video_format_task(tmp_path), tmp_path / "cache").format == VIDEO_FORMAT
+
+
+def test_project_images_export_adds_the_frame_extension_by_the_tasks_mode(tmp_path):
+    """In a project, the task of an <image task_id> says whether it is a video (mode interpolation)."""
+    tasks = [cw.unit_xml("task", 3, size=1, subset="Train", mode="interpolation", video_size=SIZE),
+             cw.unit_xml("task", 4, size=1, subset="Train")]  # fmt: skip
+    body = (cw.image(0, "frame_000000", SIZE, box("car", 1, 1, 9, 9, occluded=0), subset="Train", task_id=3)
+            + cw.image(1, "scan", SIZE, box("car", 1, 1, 9, 9, occluded=0), subset="Train", task_id=4))
+    files = {"annotations.xml": cw.annotations_xml(cw.project_meta(tasks, LABELS, "Train"), body),
+             "images/Train/frame_000000.PNG": cw.png(SIZE), "images/Train/scan": cw.png(SIZE)}  # fmt: skip
+    data = load_dataset([cw.write(tmp_path / "project", files)])
+    assert [(im.name, im.task_id) for im in data.images] == [("frame_000000.PNG", 3), ("scan", 4)]
+
+
+def test_evaluate_runs_on_a_video_format_export(tmp_path, capsys):
+    import json
+
+    from tests.factories import make_bundle
+    from trainer.commands import main
+
+    run = make_bundle(tmp_path / "run", ["car", "person"])
+    export = video_format_task(tmp_path)
+    assert main(["evaluate", str(run), str(export), "--subset", "all", "--json", "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 3 and metrics["per_class"]["car"]["gt"] == 3
