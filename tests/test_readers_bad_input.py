@@ -241,7 +241,7 @@ def test_odd_coco_categories_and_annotations_are_refused(tmp_path, categories, a
         (one_image().replace('task_id="1"', 'task_id=""').replace('width="8"', 'width="8.5"'), "needs whole"),
         (one_image(name=""), r"<image id='0'> name '' is empty"),
         (one_image(name="a&#9;b.png"), r"name 'a\\tb.png' holds control characters"),
-        (one_image().replace('label="a"', 'label=""'), "a <box> has no label"),
+        (one_image().replace('label="a"', 'label=""'), r"image 'x.png': invalid <box> \(it has no label\)"),
     ],
 )
 def test_odd_xml_identifiers_are_refused_naming_the_line(cvat_export, image_xml, message):

@@ -134,7 +134,10 @@ class _Handler:
     def start(self, name: str, attrs: dict[str, str]) -> None:
         build = _BUILDERS.get(name)
         if build is not None and self.image is not None:
-            self.build(name, build, attrs)
+            try:
+                self.shape = build(self, attrs)
+            except (KeyError, ValueError) as exc:
+                raise self._error(f"image {self.image.name!r}: invalid <{name}> ({exc})") from exc
         elif name == "image":
             self.close_image()
             self._open_image(attrs)
@@ -151,14 +154,6 @@ class _Handler:
             self.shape = None
             if name == "skeleton":  # its <points> elements are parts of the skeleton
                 self._enter_skeleton()
-
-    def build(self, name: str, build, attrs: dict[str, str]) -> None:
-        if not attrs.get("label"):
-            raise self._error(f"image {self.image.name!r}: a <{name}> has no label")
-        try:
-            self.shape = build(self, attrs)
-        except (KeyError, ValueError) as exc:
-            raise self._error(f"image {self.image.name!r}: invalid <{name}> ({exc})") from exc
 
     def _end_attribute(self, name: str) -> None:
         self.shape.attributes[self.attribute] = "".join(self.text_parts)
@@ -345,34 +340,48 @@ def _has_file(files: set[str], unit: Unit, frame: int) -> bool:
 def _box(h: _Handler, attrs: dict[str, str]) -> Shape | None:
     x0, y0 = float(attrs["xtl"]), float(attrs["ytl"])
     x1, y1 = float(attrs["xbr"]), float(attrs["ybr"])
-    rotation = attrs.get("rotation")
-    group = attrs.get("group_id")
-    if group and group != "0":  # upright with its rotation, as CVAT's COCO exporter sees it
-        return h.add(Shape(attrs["label"], "rectangle", (x0, y0, x1, y1), float(rotation or 0)), attrs)
-    if rotation and float(rotation) % 360:
-        h.out.notes[ROTATED] += 1
-        return h.add(rotated_box(x0, y0, x1, y1, float(rotation), label=attrs["label"]), attrs)
-    # The common case, kept short (it runs once per box): plain, inside, not occluded.
-    plain = attrs.get("occluded") != "1"
-    if plain and 0 <= x0 <= x1 - 1 <= h.width - 1 and 0 <= y0 <= y1 - 1 <= h.height - 1:
-        shape = Shape(attrs["label"], "rectangle", (x0, y0, x1, y1))
+    label = _label(attrs)
+    # The common case, kept short (it runs once per box): upright, ungrouped, not occluded, inside
+    # (CVAT writes rotation and group_id only when they are not 0).
+    if (
+        "rotation" not in attrs
+        and "group_id" not in attrs
+        and attrs.get("occluded") != "1"
+        and 0 <= x0 <= x1 - 1 <= h.width - 1
+        and 0 <= y0 <= y1 - 1 <= h.height - 1
+    ):
+        shape = Shape(label, "rectangle", (x0, y0, x1, y1))
         h.image.shapes.append(shape)
         return shape
-    return h.add(Shape(attrs["label"], "rectangle", (x0, y0, x1, y1)), attrs)
+    rotation = float(attrs.get("rotation") or 0.0)
+    group = attrs.get("group_id")
+    if group and group != "0":  # upright with its rotation, as CVAT's COCO exporter sees it
+        return h.add(Shape(label, "rectangle", (x0, y0, x1, y1), rotation), attrs)
+    if rotation % 360:
+        h.out.notes[ROTATED] += 1
+        return h.add(rotated_box(x0, y0, x1, y1, rotation, label=label), attrs)
+    return h.add(Shape(label, "rectangle", (x0, y0, x1, y1)), attrs)
+
+
+def _label(attrs: dict[str, str]) -> str:
+    label = attrs["label"]
+    if not label:
+        raise ValueError("it has no label")
+    return label
 
 
 def _polygon(h: _Handler, attrs: dict[str, str]) -> Shape | None:
     flat = [float(v) for pair in attrs["points"].split(";") for v in pair.split(",")]
     if len(flat) < 6 or len(flat) % 2 or not all(map(math.isfinite, flat)):
         raise ValueError(f"a polygon needs at least 3 finite x,y points, got {attrs['points']!r:.80}")
-    return h.add(Shape(attrs["label"], "polygon", points_box(flat), polygons=[flat]), attrs)
+    return h.add(Shape(_label(attrs), "polygon", points_box(flat), polygons=[flat]), attrs)
 
 
 def _mask(h: _Handler, attrs: dict[str, str]) -> Shape | None:
     left, top = int(float(attrs["left"])), int(float(attrs["top"]))
     width, height = int(float(attrs["width"])), int(float(attrs["height"]))
     bitmap = decode_cvat_rle(parse_cvat_rle(attrs["rle"]), width, height)
-    return h.add(bitmap_shape(bitmap, left, top, label=attrs["label"]), attrs)
+    return h.add(bitmap_shape(bitmap, left, top, label=_label(attrs)), attrs)
 
 
 def _ellipse(h: _Handler, attrs: dict[str, str]) -> Shape | None:
@@ -381,10 +390,10 @@ def _ellipse(h: _Handler, attrs: dict[str, str]) -> Shape | None:
     rotation = float(attrs.get("rotation") or 0.0)
     group = attrs.get("group_id")
     if group and group != "0":  # CVAT's COCO export turns it into a mask before grouping
-        return h.add(ellipse_bitmap(cx, cy, rx, ry, rotation, h.width, h.height, label=attrs["label"]), attrs)
+        return h.add(ellipse_bitmap(cx, cy, rx, ry, rotation, h.width, h.height, label=_label(attrs)), attrs)
     box = ellipse_box(cx, cy, rx, ry, rotation)
     ring = ellipse_polygon(cx, cy, rx, ry, rotation)
-    return h.add(Shape(attrs["label"], "ellipse", box, rotation, polygons=[ring]), attrs)
+    return h.add(Shape(_label(attrs), "ellipse", box, rotation, polygons=[ring]), attrs)
 
 
 _BUILDERS = {"box": _box, "polygon": _polygon, "mask": _mask, "ellipse": _ellipse}
