@@ -54,13 +54,18 @@ class Meta:
     units: list[Unit] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # top-level labels, in export order
     not_classes: dict[str, str] = field(default_factory=dict)  # label -> why it is no class
+    by_task: dict[int | None, Unit] = field(default_factory=dict)
 
     def unit(self, task_id: int | None) -> Unit:
         """The unit of a frame: its task's in a project, else the export's only one."""
-        for unit in self.units:
-            if task_id is None or unit.task_id == task_id:
-                return unit
-        return Unit(task_id=task_id)
+        if task_id is None:
+            return self.units[0] if self.units else _NO_UNIT
+        if len(self.by_task) != len(self.units):  # built once, on the first frame
+            self.by_task = {unit.task_id: unit for unit in self.units}
+        return self.by_task.get(task_id) or Unit(task_id=task_id)
+
+
+_NO_UNIT = Unit()
 
 
 class MetaReader:
