@@ -4,12 +4,14 @@ stay different images (in reads, crops and servers), and one image read twice is
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import pytest
 
 from serverless.errors import UserError
 from tests import cvat_writer as cw
+from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.cvat import server as cvat_server
 from trainer.data.readers import load_dataset
@@ -70,6 +72,9 @@ def test_validation_only_export_is_summarised_by_inspect(tmp_path, capsys):
     assert "split: train 0, val 1, test 0" in out and "no training images" in out
     assert main(["train", str(export), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
     assert "no training images" in capsys.readouterr().err
+    run = make_bundle(tmp_path / "bundle", ["cell"])  # evaluate's default: the validation split
+    assert main(["evaluate", str(run), str(export), "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
 
 
 def test_same_file_names_in_two_task_exports_are_two_images(tmp_path):
