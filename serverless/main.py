@@ -31,11 +31,10 @@ import torch
 
 from serverless.cvat_shapes import to_cvat_shapes
 from serverless.detector import Detector
-from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
+from serverless.imageio import MAX_PIXELS, MAX_PIXELS_ENV, ImageDecodeError, decode_image
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
 DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
-MAX_PIXELS_ENV = "CVAT_DETECTOR_MAX_PIXELS"
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 
 _EXPECTED = 'expected a JSON object {"image": "<base64 of the frame file>", "threshold": 0.5}'

@@ -197,14 +197,15 @@ def _loaders(config: TrainConfig, data: DetectionData, split: Split, spec: Archi
               "persistent_workers": workers > 0}
     train_set = DetectionDataset(
         split["train"], data.labels, train_transforms(config.augment),
-        masks=spec.masks, seed=config.seed, cache_images=config.cache_images,
+        masks=spec.masks, seed=config.seed, cache_images=config.cache_images, max_pixels=data.max_pixels,
     )
     sampler = GroupedBatchSampler(
         train_set.aspect_ratios(), config.batch_size, seed=config.seed, rank=rank, world_size=world
     )
     train_loader = DataLoader(train_set, batch_sampler=sampler,
                               generator=torch.Generator().manual_seed(config.seed), **common)
-    val_set = DetectionDataset(split["val"], data.labels, cache_images=config.cache_images)
+    val_set = DetectionDataset(split["val"], data.labels, cache_images=config.cache_images,
+                               max_pixels=data.max_pixels)
     shard = list(range(rank, len(val_set), world))
     val_loader = DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=config.batch_size,
                             generator=torch.Generator().manual_seed(config.seed), **common)
