@@ -115,7 +115,7 @@ def run_trainer(args, data, device) -> float:
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=1e-4)
     scheduler = make_scheduler(TrainConfig(epochs=args.epochs + 1), optimizer, len(loader))
-    precision = Precision(device, enabled=True)
+    precision = Precision(device)
     rates = []
     for epoch in range(args.epochs + 1):
         sampler.set_epoch(epoch)

@@ -1,7 +1,8 @@
 """The detector every serving path shares: Nuclio handler, cvat-sdk function, CLI predict, crops.
 
 Loads a bundle once, keeps images uint8 until they reach the device, normalises there, and runs
-under ``inference_mode`` (with autocast on GPU). Returns plain numpy results in source-image pixels.
+under ``inference_mode``, with the compute dtype :mod:`serverless.precision` chooses for the GPU.
+Returns plain numpy results in source-image pixels.
 
 Large frames: when the bundle sets ``tile_size``, a frame larger than one tile also goes through
 the network as overlapping tiles. A tile's box that touches a cut (a tile edge inside the frame) is
@@ -26,6 +27,7 @@ from torchvision.ops import batched_nms
 from serverless.bundle import BundleError, BundleInfo, load_model
 from serverless.errors import DeviceError
 from serverless.mask_polygon import TOLERANCE, mask_to_polygon
+from serverless.precision import PrecisionChoice, choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +148,14 @@ def tile_windows(width: int, height: int, tile: int, overlap: int) -> list[Windo
 
 
 class Detector:
-    """A loaded bundle ready to detect objects in decoded RGB uint8 images."""
+    """A loaded bundle ready to detect objects in decoded RGB uint8 images.
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto") -> None:
+    ``precision``: one of :data:`serverless.precision.MODES` (``auto`` by default).
+    """
+
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", precision: str = "auto") -> None:
         self.device = pick_device(device)
+        self.precision: PrecisionChoice = choose_precision(self.device, precision)
         self.info: BundleInfo
         self.info, self.model = load_model(bundle_dir, self.device)
         self.bundle_dir = Path(bundle_dir)
@@ -159,10 +165,6 @@ class Detector:
                 f"{self.bundle_dir}/model.json: tile_overlap must be >= 0 and smaller than "
                 f"tile_size ({tile}), got {overlap}"
             )
-        self._autocast = self.device.type == "cuda"
-        self._amp_dtype = (
-            torch.bfloat16 if self._autocast and torch.cuda.is_bf16_supported() else torch.float16
-        )
         self._staging: torch.Tensor | None = None  # pinned host buffer reused across requests
         self._cpu_model: torch.nn.Module | None = None  # loaded on the first GPU out-of-memory
 
@@ -236,12 +238,12 @@ class Detector:
         windows: list[Window] = [(0, 0, w, h)] if full_frame else []
         if tile and max(h, w) > tile:
             windows += tile_windows(w, h, tile, self.info.tile_overlap)
-        autocast = device.type == "cuda" and self._autocast
+        autocast = device.type == "cuda" and self.precision.autocast
         parts = []
         for i in range(0, len(windows), TILE_BATCH):
             batch = windows[i : i + TILE_BATCH]
             inputs = [frame[:, y0:y1, x0:x1].float().div_(255.0) for x0, y0, x1, y1 in batch]
-            with torch.autocast(device.type, dtype=self._amp_dtype, enabled=autocast):
+            with torch.autocast(device.type, dtype=self.precision.dtype, enabled=autocast):
                 outputs = model(inputs)
             for window, output in zip(batch, outputs, strict=True):
                 parts.append(_part(output, window, (w, h), floors))

@@ -12,6 +12,8 @@ Settings (environment, ``spec.env`` in function.yaml):
 - ``CVAT_DETECTOR_BUNDLE``: the bundle directory; default ``bundle`` beside the ``serverless``
   package, which is ``/opt/nuclio/bundle`` in a function made by ``python -m trainer package``.
 - ``CVAT_DETECTOR_DEVICE``: ``auto`` (default: the GPU when one is visible), ``cuda:1``, ``cpu``.
+- ``CVAT_DETECTOR_PRECISION``: ``auto`` (default: bf16 on GPUs of compute capability 8.0+, fp16 on
+  7.x, else fp32; :mod:`serverless.precision`), ``bf16``, ``fp16``, ``off`` (fp32).
 - ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
 """
 
@@ -32,9 +34,11 @@ import torch
 from serverless.cvat_shapes import to_cvat_shapes
 from serverless.detector import Detector
 from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
+from serverless.precision import MODES
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
 DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
+PRECISION_ENV = "CVAT_DETECTOR_PRECISION"
 MAX_PIXELS_ENV = "CVAT_DETECTOR_MAX_PIXELS"
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 
@@ -55,8 +59,9 @@ def init_context(context: Any) -> None:
     """Load the bundle once per worker, on the GPU when present, and warm it up."""
     bundle = Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
     max_pixels = _env_int(MAX_PIXELS_ENV, MAX_PIXELS)
+    precision = _env_choice(PRECISION_ENV, MODES)
     start = time.perf_counter()
-    detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto")
+    detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto", precision)
     loaded = time.perf_counter()
     detector.warmup()
     context.user_data.detector = detector
@@ -70,6 +75,7 @@ def init_context(context: Any) -> None:
         shape_type=detector.info.shape_type,
         device=str(device),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        precision=str(detector.precision),
         load_s=round(loaded - start, 2),
         warmup_s=round(time.perf_counter() - loaded, 2),
     )
@@ -152,6 +158,14 @@ def _env_int(name: str, default: int) -> int:
         value = 0
     if value <= 0:
         raise ValueError(f"environment variable {name}: expected a positive integer, got {raw!r}")
+    return value
+
+
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable's value, one of ``choices``; unset or empty is the first."""
+    value = os.environ.get(name) or choices[0]
+    if value not in choices:
+        raise ValueError(f"environment variable {name}: expected one of {', '.join(choices)}, got {value!r}")
     return value
 
 

@@ -392,6 +392,7 @@ def provenance(run: Run) -> dict[str, Any]:
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
         "device": str(run.device) + (f" ({torch.cuda.get_device_name(run.device)})"
                                      if run.device.type == "cuda" else ""),
+        "precision": run.precision.choice.name,
     }
 
 
@@ -417,7 +418,8 @@ def plan(run: Run) -> str:
     return (
         f"training {c.arch} ({run.point.kind} weights) on {devices}: "
         f"{len(run.train_set)} train / {len(run.val_set)} val images, {len(run.data.labels)} labels, "
-        f"shorter side {image_size(c, run.spec)}, batch {c.batch_size}, up to {c.epochs} epochs -> {run.out}"
+        f"shorter side {image_size(c, run.spec)}, batch {c.batch_size}, up to {c.epochs} epochs, "
+        f"precision {run.precision.choice} -> {run.out}"
     )
 
 
