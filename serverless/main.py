@@ -14,6 +14,8 @@ Settings (environment, ``spec.env`` in function.yaml):
 - ``CVAT_DETECTOR_DEVICE``: ``auto`` (default: the GPU when one is visible), ``cuda:1``, ``cpu``.
 - ``CVAT_DETECTOR_PRECISION``: ``auto`` (default: bf16 on GPUs of compute capability 8.0+, fp16 on
   7.x, else fp32; :mod:`serverless.precision`), ``bf16``, ``fp16``, ``off`` (fp32).
+- ``CVAT_DETECTOR_GPU_JPEG``: ``auto`` (default: JPEG frames are decoded on the GPU where that gives
+  the shared decoder's pixels; :mod:`serverless.gpu_jpeg`) or ``off``.
 - ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
 """
 
@@ -32,13 +34,15 @@ from typing import Any
 import torch
 
 from serverless.cvat_shapes import to_cvat_shapes
-from serverless.detector import Detector
-from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
+from serverless.detector import Detector, frame_size
+from serverless.gpu_jpeg import SUBSAMPLINGS, FrameDecoder
+from serverless.imageio import MAX_PIXELS, ImageDecodeError
 from serverless.precision import MODES
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
 DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
 PRECISION_ENV = "CVAT_DETECTOR_PRECISION"
+GPU_JPEG_ENV = "CVAT_DETECTOR_GPU_JPEG"
 MAX_PIXELS_ENV = "CVAT_DETECTOR_MAX_PIXELS"
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 
@@ -60,11 +64,14 @@ def init_context(context: Any) -> None:
     bundle = Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
     max_pixels = _env_int(MAX_PIXELS_ENV, MAX_PIXELS)
     precision = _env_choice(PRECISION_ENV, MODES)
+    gpu_jpeg = _env_choice(GPU_JPEG_ENV, ("auto", "off"))
     start = time.perf_counter()
     detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto", precision)
     loaded = time.perf_counter()
     detector.warmup()
+    decoder = FrameDecoder(detector.device, enabled=gpu_jpeg == "auto")
     context.user_data.detector = detector
+    context.user_data.decoder = decoder
     context.user_data.max_pixels = max_pixels
     device = detector.device
     context.logger.info_with(
@@ -76,6 +83,7 @@ def init_context(context: Any) -> None:
         device=str(device),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         precision=str(detector.precision),
+        gpu_jpeg=[SUBSAMPLINGS[code] for code in sorted(decoder.subsamplings)] or "off",
         load_s=round(loaded - start, 2),
         warmup_s=round(time.perf_counter() - loaded, 2),
     )
@@ -86,7 +94,7 @@ def handler(context: Any, event: Any) -> Any:
     start = time.perf_counter()
     try:
         request = parse_request(event.body)
-        image = decode_image(request.image, "image", context.user_data.max_pixels)
+        image = context.user_data.decoder.decode(request.image, "image", context.user_data.max_pixels)
         shapes = to_cvat_shapes(context.user_data.detector.detect(image, request.threshold))
     except (BadRequest, ImageDecodeError) as exc:
         context.logger.warn_with("request rejected", error=str(exc))
@@ -97,10 +105,11 @@ def handler(context: Any, event: Any) -> Any:
         )
         error = f"internal error ({type(exc).__name__}); the function log has the details"
         return _response(context, {"error": error}, 500)
+    height, width = frame_size(image)
     context.logger.debug_with(
         "frame done",
-        width=image.shape[1],
-        height=image.shape[0],
+        width=width,
+        height=height,
         shapes=len(shapes),
         ms=round((time.perf_counter() - start) * 1000, 1),
     )
