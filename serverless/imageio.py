@@ -27,7 +27,7 @@ def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXEL
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 _check_size(img, source, max_pixels)
-                img = ImageOps.exif_transpose(img)
+                ImageOps.exif_transpose(img, in_place=True)  # not in place, it copies an upright frame
                 return to_rgb8(img)
     except ImageDecodeError:
         raise
