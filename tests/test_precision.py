@@ -181,7 +181,7 @@ def bundle(tmp_path_factory):
     return make_bundle(tmp_path_factory.mktemp("bundle"), ["cell"], min_size=64, max_size=96)
 
 
-def test_the_function_logs_its_precision_at_start(bundle, monkeypatch):
+def test_the_function_logs_its_precision_and_decoder_at_start(bundle, monkeypatch):
     monkeypatch.setenv("CVAT_DETECTOR_BUNDLE", str(bundle))
     monkeypatch.setenv("CVAT_DETECTOR_DEVICE", "cpu")
     monkeypatch.setenv("CVAT_DETECTOR_PRECISION", "fp16")
@@ -191,6 +191,7 @@ def test_the_function_logs_its_precision_at_start(bundle, monkeypatch):
     assert message == "cvat-detector model loaded"
     assert fields["precision"].startswith("fp32 (cpu:")  # the CPU ignores a GPU dtype
     assert context.user_data.detector.precision.name == "fp32"
+    assert fields["gpu_jpeg"] == "off" and not context.user_data.decoder.on_gpu  # no GPU here
 
 
 def test_the_function_refuses_an_unknown_precision(bundle, monkeypatch):
