@@ -75,6 +75,10 @@ def result(out: Path) -> dict:
     return {**metrics, "device": provenance["device"], "precision": provenance.get("precision")}
 
 
+def _fmt(value: float | None) -> str:
+    return "    -" if value is None else f"{value:.3f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=BCCD, help="BCCD 'CVAT for images 1.1' zip")
@@ -107,8 +111,8 @@ def main() -> int:
           f"{minutes:.1f} min on {found['device']}, {found['precision']}")
     print(f"mAP50 {found['mAP50']:.3f}  mAP {found['mAP']:.3f}  "
           f"(anchor mAP50 {ANCHOR_MAP50}; ratio {found['mAP50'] / ANCHOR_MAP50:.2f})")
-    for label, row in found["per_class"].items():
-        print(f"  {label:<10} AP50 {row['AP50']:.3f}  AP {row['AP']:.3f}")
+    for label, row in found["per_class"].items():  # AP is None for a class without ground truth
+        print(f"  {label:<10} AP50 {_fmt(row['AP50'])}  AP {_fmt(row['AP'])}")
     return 0
 
 

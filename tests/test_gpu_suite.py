@@ -78,3 +78,19 @@ def test_dtype_agreement_matches_by_label_and_box_overlap():
     matched, total, score_difference = agreement(a, b)
     assert (matched, total) == (1, 3) and score_difference == pytest.approx(0.05, abs=1e-6)
     assert agreement(a, _detections()) == (0, 3, 0.0)
+
+
+def test_a_minutes_budget_sizes_the_run_from_a_timed_epoch(monkeypatch, tmp_path):
+    import bench_accuracy_bccd
+
+    runs = []
+
+    def train(argv: list[str], tag: str = "") -> dict[str, float]:
+        runs.append(argv[argv.index("--epochs") + 1])
+        return {"plan": 20.0, "epoch": 50.0, "end": 70.0}  # set-up 20 s, an epoch 30 s, finish 20 s
+
+    monkeypatch.setattr(bench_accuracy_bccd, "train", train)
+    # 240 s: 70 spent; a run of E epochs costs 40 + 30 E -> E = 4 (230 s in all)
+    assert bench_accuracy_bccd.train_for(4, ["data.zip"], tmp_path) == 4 and runs == ["1", "4"]
+    runs.clear()
+    assert bench_accuracy_bccd.train_for(2.5, ["data.zip"], tmp_path) == 1 and runs == ["1"]  # no room
