@@ -303,18 +303,8 @@ class Detector:
         classes = torch.cat([p.classes for p in parts])
         masks = None if parts[0].masks is None else [m for p in parts for m in p.masks or []]
         mask_boxes = [b for p in parts for b in p.mask_boxes]
-        idx = torch.arange(len(scores))
         if len(parts) > 1:
-            cut = torch.cat([p.cut for p in parts])
-            windows = torch.cat([torch.tensor([p.window] * len(p.scores)).reshape(-1, 4) for p in parts])
-            pieces = idx[cut][~_covered(boxes, classes, idx[cut], idx[~cut])]
-            joined = [g for g in _fragment_groups(boxes, classes, windows.float(), pieces) if len(g) > 1]
-            singles = torch.tensor([i for i in pieces.tolist() if not any(i in g for g in joined)],
-                                   dtype=torch.long)
-            boxes, scores, classes = _join(boxes, scores, classes, joined, masks, mask_boxes)
-            fused = torch.arange(len(idx), len(scores))
-            idx = torch.cat([idx[~cut], singles, fused])
-            idx = idx[batched_nms(boxes[idx], scores[idx], classes[idx], MERGE_IOU)]
+            boxes, scores, classes, idx = _merge_windows(parts, boxes, scores, classes, masks, mask_boxes)
             idx = idx[: self.info.detections_per_img]
         else:
             idx = torch.sort(scores, descending=True, stable=True).indices
@@ -362,6 +352,30 @@ def _part(
     if "masks" in output:
         part.masks, part.mask_boxes = _crop_masks(output["masks"], keep, boxes.numpy(), window)
     return part
+
+
+def _merge_windows(
+    parts: list[_Part],
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    masks: list[np.ndarray] | None,
+    mask_boxes: list[tuple[int, int, int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Several windows' detections as one set (module docstring): cut boxes inside an uncut box of
+    their class dropped, an object's fragments joined (rows appended), then per-class NMS. Returns
+    the boxes, scores and classes with the joined rows, and the indices kept, highest score first."""
+    idx = torch.arange(len(scores))
+    cut = torch.cat([p.cut for p in parts])
+    windows = torch.cat([torch.tensor([p.window] * len(p.scores), dtype=torch.float32).reshape(-1, 4)
+                         for p in parts])
+    pieces = idx[cut][~_covered(boxes, classes, idx[cut], idx[~cut])]
+    groups = [g for g in _fragment_groups(boxes, classes, windows, pieces) if len(g) > 1]
+    grouped = {i for g in groups for i in g}
+    singles = torch.tensor([i for i in pieces.tolist() if i not in grouped], dtype=torch.long)
+    boxes, scores, classes = _join(boxes, scores, classes, groups, masks, mask_boxes)
+    idx = torch.cat([idx[~cut], singles, torch.arange(len(idx), len(scores))])
+    return boxes, scores, classes, idx[batched_nms(boxes[idx], scores[idx], classes[idx], MERGE_IOU)]
 
 
 def _covered(

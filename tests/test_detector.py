@@ -91,6 +91,16 @@ def test_public_api_returns_sorted_detections_in_image_pixels(bundle):
     assert len(detector.detect(image, threshold=1.0)) == 0
 
 
+def test_a_decoded_tensor_frame_gives_what_its_array_gives(bundle):
+    """Frames decoded on the GPU reach detect as 3xHxW uint8 tensors."""
+    detector = Detector(bundle, device="cpu")
+    image = np.random.default_rng(3).integers(0, 255, (70, 110, 3), dtype=np.uint8)
+    from_array = detector.detect(image, threshold=0.0)
+    from_tensor = detector.detect(torch.from_numpy(image).permute(2, 0, 1).contiguous(), threshold=0.0)
+    assert len(from_array) > 0 and from_tensor.labels == from_array.labels
+    np.testing.assert_array_equal(from_tensor.boxes, from_array.boxes)
+
+
 @pytest.mark.parametrize("tile, overlap", [(128, 48), (64, 0), (100, 99), (512, 128)])
 def test_tile_windows_cover_the_frame_with_the_promised_overlap(tile, overlap):
     for width, height in [(300, 200), (64, 64), (1000, 37), (513, 1024)]:
