@@ -273,7 +273,8 @@ def resume(run: Run) -> None:
     run.net.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.precision.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when the run was not in fp16 (a scaler refuses to load that)
+        run.precision.scaler.load_state_dict(state["scaler"])
     run.progress = Progress(state["epoch"] + 1, state["best_map"], state["best_epoch"], state["history"])
     checkpoint.set_rng_state(state["rng"])
     if run.main:
