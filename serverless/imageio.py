@@ -61,7 +61,7 @@ def decode_image(data: bytes, source: str = "image", max_pixels: int | None = No
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_size(img, source, limit)
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # not in place, it copies an upright frame
             return to_rgb8(img)
     except ImageDecodeError:
         raise
