@@ -135,3 +135,21 @@ def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_message(tmp_path
     point = resolve("coco", "fasterrcnn_mobilenet_v3_large_fpn")
     with pytest.raises(UserError, match=r"could not load coco weights .*--weights none"):
         build_from(point, "fasterrcnn_mobilenet_v3_large_fpn", ["a"], min_size=128)
+
+
+def test_without_validation_the_lowest_loss_epoch_is_kept_even_when_the_loss_is_above_one(
+    tmp_path, monkeypatch
+):
+    """A run without a validation split keeps its lowest-loss epoch; losses of a detector trained
+    from scratch start well above 1, and the first epoch must still count as the best so far."""
+    from types import SimpleNamespace
+
+    from serverless.bundle import BEST_CHECKPOINT
+    from trainer.training import run as run_module
+
+    monkeypatch.setattr(run_module, "save_checkpoint", lambda run: None)
+    run = SimpleNamespace(progress=run_module.Progress(), out=tmp_path, net=torch.nn.Linear(2, 1),
+                          config=SimpleNamespace(epochs=3, patience=0))  # fmt: skip
+    for epoch, loss in enumerate((2.5, 1.8, 2.1)):
+        run_module.record_epoch(run, epoch, {"loss": loss, "lr": 0.01, "images_per_s": 1.0}, {})
+    assert run.progress.best_epoch == 1 and (tmp_path / BEST_CHECKPOINT).exists()

@@ -57,7 +57,7 @@ class Progress:
     """What a checkpoint restores besides the tensors: where the run is and how it went."""
 
     next_epoch: int = 0
-    best_map: float = -1.0  # validation mAP of the best epoch (minus the loss without validation)
+    best_map: float = float("-inf")  # validation mAP of the best epoch (minus the loss without validation)
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
 
