@@ -46,18 +46,22 @@ def ecotaxa_rows(tsv: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
         assert sep, f"{name}: not Table_Field"
         if name not in PREDEFINED:
             assert prefix in EXTENDABLE, f"{name}: unknown table prefix"
-            if prefix == "object":
-                assert types[name] in TYPES, f"{name}: type {types[name]!r}"
+        # EcoTaxa reads the type of object_* columns only, but its own exports type every column
+        assert types[name] in TYPES, f"{name}: type {types[name]!r}"
         assert f"{prefix}_id" in names or prefix == "img", f"{prefix}_id is mandatory"
     rows = [dict(zip(names, row.values(), strict=True)) for row in reader]
-    seen = set()
+    seen, sample_of = set(), {}
     for row in rows:  # validate_content / validate_line
         assert row["object_id"].strip(), "missing object_id"
         with Image.open(tsv.parent / row["img_file_name"]) as im:
             im.verify()
-        key = (row["object_id"], row["img_file_name"])
-        assert key not in seen, f"duplicate object {key}"
-        seen.add(key)
+        # EcoTaxa bans a repeated (object_id, img_file_name) and takes a repeated object_id as one
+        # more image of that object: one crop per object, so object_id alone must be unique
+        assert row["object_id"] not in seen, f"duplicate object {row['object_id']}"
+        seen.add(row["object_id"])
+        # Topology: an acquisition belongs to one sample
+        acq = sample_of.setdefault(row.get("acq_id", ""), row.get("sample_id", ""))
+        assert acq == row.get("sample_id", ""), f"acquisition {row['acq_id']} in two samples"
         for name, kind in types.items():
             if kind == "[f]" and row[name].strip():
                 float(row[name])
