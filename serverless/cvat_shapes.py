@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from serverless.detector import Detections
+from serverless.detections import Detections
 from serverless.mask_polygon import TOLERANCE
 
 #: Decimals kept in coordinates: sub-pixel precision without bloating the response.
