@@ -55,6 +55,8 @@ INPUTS = ("image", "size")
 OUTPUTS = ("boxes", "scores", "labels", "masks")
 #: Environment variable overriding the thread count (default: :func:`cpu_threads`).
 THREADS_ENV = "CVAT_DETECTOR_THREADS"
+#: Environment variable of the Nuclio function naming its engine (ENGINES; default pytorch).
+ENGINE_ENV = "CVAT_DETECTOR_ENGINE"
 
 
 @dataclass
@@ -262,16 +264,23 @@ def load_engine_info(bundle_dir: str | Path) -> EngineInfo:
 
 def open_detector(bundle_dir: str | Path, device: str = "auto", engine: str = "pytorch") -> Any:
     """The detector serving a bundle: :class:`EngineDetector` for ``openvino`` (CPU only), else the
-    PyTorch :class:`serverless.detector.Detector` on ``device`` (torch is imported only then)."""
+    PyTorch :class:`serverless.detector.Detector` on ``device`` (torch is imported only then). On the
+    CPU, both use :func:`cpu_threads` intra-op threads (PyTorch's own default counts the host's
+    cores, not the container's quota)."""
     if engine not in ENGINES:
         raise UserError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "openvino":
         if device not in ("auto", "cpu"):
             raise UserError(f"engine openvino runs on the CPU; got device {device!r} (use cpu or auto)")
         return EngineDetector(bundle_dir)
+    import torch
+
     from serverless.detector import Detector
 
-    return Detector(bundle_dir, device)
+    detector = Detector(bundle_dir, device)
+    if detector.device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
+    return detector
 
 
 # ---------------------------------------------------------------- masks, as torchvision pastes them

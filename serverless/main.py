@@ -12,6 +12,9 @@ Settings (environment, ``spec.env`` in function.yaml):
 - ``CVAT_DETECTOR_BUNDLE``: the bundle directory; default ``bundle`` beside the ``serverless``
   package, which is ``/opt/nuclio/bundle`` in a function made by ``python -m trainer package``.
 - ``CVAT_DETECTOR_DEVICE``: ``auto`` (default: the GPU when one is visible), ``cuda:1``, ``cpu``.
+- ``CVAT_DETECTOR_ENGINE``: ``pytorch`` (default) or ``openvino``: the bundle's verified OpenVINO
+  export on the CPU, without importing torch (``package --cpu`` sets it; :mod:`serverless.engine`).
+- ``CVAT_DETECTOR_THREADS``: intra-op threads on the CPU (default: the container's CPU quota).
 - ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
 """
 
@@ -27,10 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from serverless.cvat_shapes import to_cvat_shapes
-from serverless.detector import Detector
+from serverless.engine import ENGINE_ENV, open_detector
 from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
@@ -56,7 +57,8 @@ def init_context(context: Any) -> None:
     bundle = Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
     max_pixels = _env_int(MAX_PIXELS_ENV, MAX_PIXELS)
     start = time.perf_counter()
-    detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto")
+    engine = os.environ.get(ENGINE_ENV) or "pytorch"
+    detector = open_detector(bundle, os.environ.get(DEVICE_ENV) or "auto", engine)
     loaded = time.perf_counter()
     detector.warmup()
     context.user_data.detector = detector
@@ -69,7 +71,8 @@ def init_context(context: Any) -> None:
         labels=detector.labels,
         shape_type=detector.info.shape_type,
         device=str(device),
-        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        engine=engine,
+        gpu=_gpu_name(device),
         load_s=round(loaded - start, 2),
         warmup_s=round(time.perf_counter() - loaded, 2),
     )
@@ -153,6 +156,15 @@ def _env_int(name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"environment variable {name}: expected a positive integer, got {raw!r}")
     return value
+
+
+def _gpu_name(device: Any) -> str | None:
+    """The GPU's name; torch is imported only for a GPU (the OpenVINO function has no torch)."""
+    if getattr(device, "type", device) != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 def _response(context: Any, payload: Any, status: int) -> Any:

@@ -3,9 +3,15 @@
 The directory holds function.yaml (project cvat, a detector whose labels are the run's labels, one
 GPU, one worker), main.py, the serverless runtime and the bundle. Deploy it with deploy_gpu.sh.
 
+--cpu serves the model with OpenVINO on an image without torch: the network is exported beside the
+run's weights (engine.xml, engine.bin, engine.json) and verified to find what PyTorch finds on
+--verify-images (up to 8 of them; generated frames by default). A model whose export differs is
+served by PyTorch on the CPU instead, and the command says why.
+
 Examples:
   python -m trainer package runs/bccd --out functions/bccd
-  python -m trainer package runs/bccd --out functions/bccd-cpu --name "BCCD cells (CPU)" --cpu
+  python -m trainer package runs/bccd --out functions/bccd-cpu --name "BCCD cells (CPU)" --cpu \
+      --verify-images bccd/images/Validation
   ./deploy_gpu.sh functions/bccd
 """
 
@@ -30,27 +36,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu",
         action="store_true",
-        help="CPU base image and no GPU limit (slower; no NVIDIA needed)",
+        help="CPU image and no GPU limit, served by OpenVINO (no NVIDIA needed)",
     )
+    parser.add_argument(
+        "--engine", choices=["openvino", "pytorch"],
+        help="what serves a --cpu function (default: openvino; the GPU function always uses pytorch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify-images", metavar="DIR",
+        help="images to verify the OpenVINO export on (default: generated frames)",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.deploy.export import folder_frames
     from trainer.deploy.nuclio import package_function
 
-    done = package_function(
-        args.run, args.out, name=args.name, cpu=args.cpu, overwrite=args.overwrite
-    )
+    frames = folder_frames(args.verify_images) if args.verify_images else None
+    done = package_function(args.run, args.out, name=args.name, cpu=args.cpu, engine=args.engine,
+                            frames=frames, overwrite=args.overwrite)  # fmt: skip
     info, out = done.info, done.out
+    if done.note:
+        print(f"note: {done.note}")
+    served = f"CPU, {'OpenVINO' if done.engine == 'openvino' else 'PyTorch'}" if done.cpu else "GPU"
     print(
         f"packaged {args.run} as Nuclio function {done.name!r} (CVAT shows {done.display_name!r}): "
         f"{info.architecture}, {len(info.labels)} {info.shape_type} labels "
-        f"({', '.join(info.labels)}), {'CPU' if done.cpu else 'GPU'}"
+        f"({', '.join(info.labels)}), {served}"
     )
     print(f"  {out / 'function.yaml'}")
     print(f"  {out / 'main.py'}")
     print(f"  {out / 'serverless'}/ ({', '.join(done.runtime_files)})")
-    print(f"  {out / 'bundle'}/ (model.json, weights.pt, labels.txt)")
+    print(f"  {out / 'bundle'}/ ({', '.join(sorted(p.name for p in (out / 'bundle').iterdir()))})")
     print(f"next: {_deploy_script()} {out}")
     return 0
 
