@@ -165,3 +165,27 @@ def test_serving_the_engine_never_imports_torch(exported):
                           cwd=Path(__file__).parents[1], timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) >= 0
+
+
+def test_predict_with_the_engine_writes_what_pytorch_writes(exported, tmp_path):
+    from PIL import Image
+
+    from trainer.commands import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, frame in generated_frames(((200, 150), (97, 203)), seed=3):
+        Image.fromarray(frame).save(images / f"{name.split()[-1]}.png")
+    results = {}
+    for engine in ("pytorch", "openvino"):
+        out = tmp_path / f"{engine}.json"
+        args = ["predict", str(exported), "--images", str(images), "--out", str(out), "--threshold", "0.2"]
+        assert main([*args, "--device", "cpu", "--engine", engine]) == 0
+        results[engine] = json.loads(out.read_text())["annotations"]
+    categories = {engine: [a["category_id"] for a in found] for engine, found in results.items()}
+    assert categories["openvino"] == categories["pytorch"]
+    for got, want in zip(results["openvino"], results["pytorch"], strict=True):
+        np.testing.assert_allclose(got["bbox"], want["bbox"], atol=1.0)
+        assert abs(got["score"] - want["score"]) <= 1e-3
+    on_gpu = ["--engine", "openvino", "--device", "cuda", "--out", str(tmp_path / "x.json")]
+    assert main(["predict", str(exported), "--images", str(images), *on_gpu]) == 2

@@ -13,7 +13,10 @@ what the model computes:
   torchvision's tracing path (a zero tensor scattered into once per level), which took about a
   seventh of the MobileNet model's time in OpenVINO;
 - mask models return each detection's 28x28 mask probabilities instead of N full-frame masks; the
-  engine pastes them as torchvision does (:func:`serverless.engine.paste_mask`).
+  engine pastes them as torchvision does (:func:`serverless.engine.paste_mask`);
+- the box decoder shapes its result without a Python branch on the number of boxes: traced, that
+  branch was fixed by the example frame, and an example without proposals (a trained model can have
+  none on a frame) made a graph that fails on every frame with some.
 
 The export is then run next to PyTorch on verification frames and kept only when it finds the same
 detections (:func:`compare`); otherwise :class:`EngineUnfaithful` says why and the caller serves the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.models.detection import transform
+from torchvision.models.detection import _utils, transform
 from torchvision.ops import poolers
 
 from serverless.bundle import (
@@ -55,6 +59,7 @@ from serverless.engine import (
     OpenVinoNetwork,
     cpu_threads,
     load_engine_info,
+    open_detector,
     paste_mask,
     resized_size,
     weights_digest,
@@ -75,6 +80,8 @@ VERIFY_THRESHOLD_CAP = 0.5
 #: Generated verification frames (width, height) when no frames are given: 4:3, wide, portrait, and a
 #: size at which float32 resize arithmetic is a pixel off.
 GENERATED_SIZES = ((640, 480), (1280, 720), (600, 1000), (1001, 333))
+#: Frames taken from a folder for verification, at most (each runs through PyTorch and the engine).
+FOLDER_FRAMES = 8
 
 Frame = tuple[str, np.ndarray]  # a name for messages, and an HxWx3 uint8 RGB image
 
@@ -130,6 +137,23 @@ def ensure_engine(bundle_dir: str | Path, frames: Sequence[Frame] | None = None)
     return export_engine(bundle_dir, generated_frames() if frames is None else frames)
 
 
+def detector_for(
+    run: str | Path, device: str = "auto", engine: str = "pytorch", frames: Sequence[Frame] | None = None
+) -> Any:
+    """The detector a command runs the model with: for ``openvino``, the run's verified export (made
+    on first use, verified on ``frames``); when it differs from PyTorch, PyTorch on the CPU with a
+    note on stderr saying why."""
+    if engine == "openvino":
+        if device not in ("auto", "cpu"):
+            raise UserError(f"--engine openvino runs on the CPU; got --device {device}")
+        try:
+            ensure_engine(run, frames)
+        except EngineUnfaithful as exc:
+            print(f"note: {exc}; running PyTorch on the CPU instead", file=sys.stderr)
+            return open_detector(run, "cpu", "pytorch")
+    return open_detector(run, device, engine)
+
+
 def export_engine(bundle_dir: str | Path, frames: Sequence[Frame], threads: int | None = None) -> EngineInfo:
     """Export, verify on ``frames`` and store the engine beside the bundle's weights."""
     import openvino as ov
@@ -160,7 +184,11 @@ def export_engine(bundle_dir: str | Path, frames: Sequence[Frame], threads: int 
             problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise EngineUnfaithful(f"{info.architecture}: the export failed ({problem})") from exc
         network = OpenVinoNetwork(xml, threads or cpu_threads())
-        agreement = verify(model, network, engine, frames, floors)
+        try:
+            agreement = verify(model, network, engine, frames, floors)
+        except RuntimeError as exc:  # OpenVINO's errors
+            problem = str(exc).strip().splitlines()[-1]
+            raise EngineUnfaithful(f"{info.architecture}: the OpenVINO export fails ({problem})") from exc
         engine.verification = {
             "frames": [name for name, _ in frames],
             "thresholds": {label: round(float(t), 4) for label, t in zip(info.labels, floors, strict=True)},
@@ -228,6 +256,17 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], floors: np.n
             mask_iou = _mask_iou(ref, got, index_ref[i], index_got[j])
             result.worst_mask_iou = min(result.worst_mask_iou, mask_iou)
     return result
+
+
+def folder_frames(folder: str | Path, limit: int = FOLDER_FRAMES) -> list[Frame]:
+    """Up to ``limit`` images of ``folder`` (sorted, searched recursively) as verification frames."""
+    from serverless.imageio import read_image
+    from trainer.inference import find_images
+
+    paths = find_images(Path(folder))[:limit] if Path(folder).is_dir() else []
+    if not paths:
+        raise UserError(f"{folder}: no .jpg/.jpeg/.png/.tif/.tiff/.bmp images to verify the engine on")
+    return [(str(path), read_image(path)) for path in paths]
 
 
 def generated_frames(sizes: Sequence[tuple[int, int]] = GENERATED_SIZES, seed: int = 0) -> list[Frame]:
@@ -305,14 +344,24 @@ def _tracing_patches(traced: _Traced) -> Iterator[None]:
     def keep_mask_probabilities(masks: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return masks
 
-    saved = (transform._resize_image_and_masks, poolers._onnx_merge_levels, transform.paste_masks_in_image)
-    transform._resize_image_and_masks = resize
-    poolers._onnx_merge_levels = merge_levels
-    transform.paste_masks_in_image = keep_mask_probabilities
+    def decode(coder: _utils.BoxCoder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        concat = torch.cat(boxes, dim=0)  # rel_codes: one row of 4 * classes codes per box
+        return coder.decode_single(rel_codes, concat).reshape(concat.size(0), rel_codes.size(1) // 4, 4)
+
+    patches = [
+        (transform, "_resize_image_and_masks", resize),
+        (poolers, "_onnx_merge_levels", merge_levels),
+        (transform, "paste_masks_in_image", keep_mask_probabilities),
+        (_utils.BoxCoder, "decode", decode),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
-        transform._resize_image_and_masks, poolers._onnx_merge_levels, transform.paste_masks_in_image = saved
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 # ---------------------------------------------------------------- helpers
