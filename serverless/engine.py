@@ -206,6 +206,7 @@ class EngineDetector:
         self.info.check_tiles(str(self.bundle_dir / "model.json"))
         self.engine = load_engine_info(bundle_dir)
         self.network = OpenVinoNetwork(self.bundle_dir / ENGINE_XML, threads or cpu_threads(), precision)
+        self.precision = precision
 
     @property
     def labels(self) -> list[str]:
@@ -262,9 +263,12 @@ def load_engine_info(bundle_dir: str | Path) -> EngineInfo:
     return info
 
 
-def open_detector(bundle_dir: str | Path, device: str = "auto", engine: str = "pytorch") -> Any:
+def open_detector(
+    bundle_dir: str | Path, device: str = "auto", engine: str = "pytorch", precision: str = "auto"
+) -> Any:
     """The detector serving a bundle: :class:`EngineDetector` for ``openvino`` (CPU only), else the
-    PyTorch :class:`serverless.detector.Detector` on ``device`` (torch is imported only then). On the
+    PyTorch :class:`serverless.detector.Detector` on ``device`` in ``precision`` (one of
+    :data:`serverless.precision.MODES`; torch is imported only then). On the
     CPU, both use :func:`cpu_threads` intra-op threads (PyTorch's own default counts the host's
     cores, not the container's quota)."""
     if engine not in ENGINES:
@@ -277,7 +281,7 @@ def open_detector(bundle_dir: str | Path, device: str = "auto", engine: str = "p
 
     from serverless.detector import Detector
 
-    detector = Detector(bundle_dir, device)
+    detector = Detector(bundle_dir, device, precision)
     if detector.device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     return detector

@@ -15,6 +15,10 @@ Settings (environment, ``spec.env`` in function.yaml):
 - ``CVAT_DETECTOR_ENGINE``: ``pytorch`` (default) or ``openvino``: the bundle's verified OpenVINO
   export on the CPU, without importing torch (``package --cpu`` sets it; :mod:`serverless.engine`).
 - ``CVAT_DETECTOR_THREADS``: intra-op threads on the CPU (default: the container's CPU quota).
+- ``CVAT_DETECTOR_PRECISION``: ``auto`` (default: bf16 on GPUs of compute capability 8.0+, fp16 on
+  7.x, else fp32; :mod:`serverless.precision`), ``bf16``, ``fp16``, ``off`` (fp32).
+- ``CVAT_DETECTOR_GPU_JPEG``: ``auto`` (default: JPEG frames are decoded on the GPU where that gives
+  the shared decoder's pixels; :mod:`serverless.gpu_jpeg`) or ``off``.
 - ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
 """
 
@@ -31,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from serverless.cvat_shapes import to_cvat_shapes
-from serverless.engine import ENGINE_ENV, open_detector
-from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
+from serverless.engine import ENGINE_ENV, ENGINES, open_detector
+from serverless.imageio import ImageDecodeError, decode_image, frame_size, pixel_limit
+from serverless.precision import MODES
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
 DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
-MAX_PIXELS_ENV = "CVAT_DETECTOR_MAX_PIXELS"
+PRECISION_ENV = "CVAT_DETECTOR_PRECISION"
+GPU_JPEG_ENV = "CVAT_DETECTOR_GPU_JPEG"
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 
 _EXPECTED = 'expected a JSON object {"image": "<base64 of the frame file>", "threshold": 0.5}'
@@ -55,13 +61,17 @@ class Request:
 def init_context(context: Any) -> None:
     """Load the bundle once per worker, on the GPU when present, and warm it up."""
     bundle = Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
-    max_pixels = _env_int(MAX_PIXELS_ENV, MAX_PIXELS)
+    max_pixels = pixel_limit()
+    precision = _env_choice(PRECISION_ENV, MODES)
+    gpu_jpeg = _env_choice(GPU_JPEG_ENV, ("auto", "off"))
     start = time.perf_counter()
-    engine = os.environ.get(ENGINE_ENV) or "pytorch"
-    detector = open_detector(bundle, os.environ.get(DEVICE_ENV) or "auto", engine)
+    engine = _env_choice(ENGINE_ENV, ENGINES)
+    detector = open_detector(bundle, os.environ.get(DEVICE_ENV) or "auto", engine, precision)
     loaded = time.perf_counter()
     detector.warmup()
+    decoder = _frame_decoder(detector, engine, gpu_jpeg)
     context.user_data.detector = detector
+    context.user_data.decoder = decoder
     context.user_data.max_pixels = max_pixels
     device = detector.device
     context.logger.info_with(
@@ -73,6 +83,8 @@ def init_context(context: Any) -> None:
         device=str(device),
         engine=engine,
         gpu=_gpu_name(device),
+        precision=str(detector.precision),
+        gpu_jpeg=_gpu_jpeg(decoder),
         load_s=round(loaded - start, 2),
         warmup_s=round(time.perf_counter() - loaded, 2),
     )
@@ -83,7 +95,7 @@ def handler(context: Any, event: Any) -> Any:
     start = time.perf_counter()
     try:
         request = parse_request(event.body)
-        image = decode_image(request.image, "image", context.user_data.max_pixels)
+        image = context.user_data.decoder.decode(request.image, "image", context.user_data.max_pixels)
         shapes = to_cvat_shapes(context.user_data.detector.detect(image, request.threshold))
     except (BadRequest, ImageDecodeError) as exc:
         context.logger.warn_with("request rejected", error=str(exc))
@@ -94,10 +106,11 @@ def handler(context: Any, event: Any) -> Any:
         )
         error = f"internal error ({type(exc).__name__}); the function log has the details"
         return _response(context, {"error": error}, 500)
+    height, width = frame_size(image)
     context.logger.debug_with(
         "frame done",
-        width=image.shape[1],
-        height=image.shape[0],
+        width=width,
+        height=height,
         shapes=len(shapes),
         ms=round((time.perf_counter() - start) * 1000, 1),
     )
@@ -145,17 +158,40 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {reprlib.repr(value)}"
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"environment variable {name}: expected a positive integer, got {raw!r}")
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable's value, one of ``choices``; unset or empty is the first."""
+    value = os.environ.get(name) or choices[0]
+    if value not in choices:
+        raise ValueError(f"environment variable {name}: expected one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+class _CpuDecoder:
+    """Request frames decoded by :func:`serverless.imageio.decode_image`: the OpenVINO function's
+    decoder (its image has no torch, and its frames are for the CPU anyway)."""
+
+    on_gpu = False
+    subsamplings: frozenset[int] = frozenset()
+    decode = staticmethod(decode_image)
+
+
+def _frame_decoder(detector: Any, engine: str, gpu_jpeg: str) -> Any:
+    """:class:`serverless.gpu_jpeg.FrameDecoder` for PyTorch (JPEGs on the GPU where it may), else
+    :class:`_CpuDecoder`; gpu_jpeg imports torch, so only the PyTorch detector imports it."""
+    if engine != "pytorch":
+        return _CpuDecoder()
+    from serverless.gpu_jpeg import FrameDecoder
+
+    return FrameDecoder(detector.device, enabled=gpu_jpeg == "auto")
+
+
+def _gpu_jpeg(decoder: Any) -> list[str] | str:
+    """The chroma subsamplings the GPU decodes, for the start-up log; "off" when none."""
+    if not decoder.subsamplings:
+        return "off"
+    from serverless.gpu_jpeg import SUBSAMPLINGS
+
+    return [SUBSAMPLINGS[code] for code in sorted(decoder.subsamplings)]
 
 
 def _gpu_name(device: Any) -> str | None:
