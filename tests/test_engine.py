@@ -42,7 +42,7 @@ FRAMES = generated_frames(((160, 120), (301, 100), (90, 160)), seed=1)
 def exported(tmp_path_factory) -> Path:
     """A tiny MobileNet bundle and its verified export (the expensive part, done once)."""
     bundle = make_bundle(tmp_path_factory.mktemp("engine"), ["cell", "debris"], min_size=128,
-                         max_size=192, threshold=0.05, detections_per_img=50)  # fmt: skip
+                         max_size=192, threshold=0.05, detections_per_img=50, feature_gain=1e8)  # fmt: skip
     export_engine(bundle, FRAMES, threads=2)
     return bundle
 

@@ -114,10 +114,10 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory) -> Path:
-    """A run whose OpenVINO export verifies on FRAMES (untrained: near-tied scores at a threshold of
-    0 would swap places between any two engines)."""
+    """A run whose OpenVINO export verifies on FRAMES: scores that differ (make_bundle's
+    feature_gain), so that the 50-detection cap does not choose among ties."""
     return make_bundle(tmp_path_factory.mktemp("runs") / "bccd-cpu", LABELS, min_size=128, max_size=192,
-                       threshold=0.05, detections_per_img=50)  # fmt: skip
+                       threshold=0.05, detections_per_img=50, feature_gain=1e8)  # fmt: skip
 
 
 #: Small verification frames, one of a size at which float32 resize arithmetic is off.
