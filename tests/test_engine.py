@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,13 @@ from serverless.errors import UserError
 from serverless.tiling import inclusive_box
 from tests.factories import make_bundle
 from trainer.deploy import export
-from trainer.deploy.export import EngineUnfaithful, compare, export_engine, generated_frames
+from trainer.deploy.export import (
+    EngineUnfaithful,
+    compare,
+    export_engine,
+    generated_frames,
+    validation_frames,
+)
 
 pytest.importorskip("openvino")
 
@@ -189,3 +196,21 @@ def test_predict_with_the_engine_writes_what_pytorch_writes(exported, tmp_path):
         assert abs(got["score"] - want["score"]) <= 1e-3
     on_gpu = ["--engine", "openvino", "--device", "cuda", "--out", str(tmp_path / "x.json")]
     assert main(["predict", str(exported), "--images", str(images), *on_gpu]) == 2
+
+
+def test_verification_frames_are_the_images_the_run_held_out(tmp_path):
+    """model.json records the run's data and split; the images CVAT put in the Validation subset
+    (the zip's images/Validation/ folder) are the ones the export is verified on."""
+    export_zip = Path(__file__).parent / "data" / "bccd_subset" / "cvat_for_images_1.1.zip"
+    run = make_bundle(tmp_path / "run", ["RBC", "WBC", "Platelets"])
+    meta = json.loads((run / "model.json").read_text())
+    meta["provenance"] = {"data": {"sources": [str(export_zip)]}, "split_options": {"val_fraction": 0.2}}
+    (run / "model.json").write_text(json.dumps(meta))
+    with zipfile.ZipFile(export_zip) as z:
+        held_out = sorted(Path(n).name for n in z.namelist() if n.startswith("images/Validation/"))
+    frames = validation_frames(run)
+    assert sorted(name.split()[-1] for name, _ in frames) == held_out and len(held_out) == 4
+    assert all(frame.shape == (480, 640, 3) and frame.dtype == np.uint8 for _, frame in frames)
+    meta["provenance"]["data"]["sources"] = [str(tmp_path / "moved.zip")]  # not readable here
+    (run / "model.json").write_text(json.dumps(meta))
+    assert validation_frames(run) == []

@@ -5,7 +5,8 @@ GPU, one worker), main.py, the serverless runtime and the bundle. Deploy it with
 
 --cpu serves the model with OpenVINO on an image without torch: the network is exported beside the
 run's weights (engine.xml, engine.bin, engine.json) and verified to find what PyTorch finds on
---verify-images (up to 8 of them; generated frames by default). A model whose export differs is
+--verify-images (up to 8 of them; by default the images the run held out for validation, read
+from the data its model.json records, else generated frames). A model whose export differs is
 served by PyTorch on the CPU instead, and the command says why.
 
 Examples:
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--verify-images", metavar="DIR",
-        help="images to verify the OpenVINO export on (default: generated frames)",
+        help="images to verify the OpenVINO export on (default: the run's validation images when its data "
+             "is readable here, else generated frames)",
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     info, out = done.info, done.out
     if done.note:
         print(f"note: {done.note}")
+    if done.engine == "openvino":
+        print(_verified(args.run))
     served = f"CPU, {'OpenVINO' if done.engine == 'openvino' else 'PyTorch'}" if done.cpu else "GPU"
     print(
         f"packaged {args.run} as Nuclio function {done.name!r} (CVAT shows {done.display_name!r}): "
@@ -71,6 +75,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {out / 'bundle'}/ ({', '.join(sorted(p.name for p in (out / 'bundle').iterdir()))})")
     print(f"next: {_deploy_script()} {out}")
     return 0
+
+
+def _verified(run: str) -> str:
+    """What the OpenVINO export was verified on, and how close it came to PyTorch."""
+    from serverless.engine import load_engine_info
+    from trainer.deploy.export import Agreement
+
+    verification = load_engine_info(run).verification
+    frames = verification["frames"]
+    shown = ", ".join(frames[:3]) + (", ..." if len(frames) > 3 else "")
+    agreement = Agreement(**verification["agreement"])
+    return f"OpenVINO export verified against PyTorch on {shown}: {agreement.summary()}"
 
 
 def _deploy_script() -> str:

@@ -129,12 +129,15 @@ class Agreement:
 
 def ensure_engine(bundle_dir: str | Path, frames: Sequence[Frame] | None = None) -> EngineInfo:
     """The bundle's verified engine: the one beside the weights when it was exported from them with
-    this format version, else a new export verified on ``frames`` (generated ones when None)."""
+    this format version, else a new export verified on ``frames`` (when None: the run's validation
+    images if its data is readable here, else generated frames)."""
     try:
         return load_engine_info(bundle_dir)
     except BundleError:
         pass
-    return export_engine(bundle_dir, generated_frames() if frames is None else frames)
+    if frames is None:
+        frames = validation_frames(bundle_dir) or generated_frames()
+    return export_engine(bundle_dir, frames)
 
 
 def detector_for(
@@ -267,6 +270,30 @@ def folder_frames(folder: str | Path, limit: int = FOLDER_FRAMES) -> list[Frame]
     if not paths:
         raise UserError(f"{folder}: no .jpg/.jpeg/.png/.tif/.tiff/.bmp images to verify the engine on")
     return [(str(path), read_image(path)) for path in paths]
+
+
+def validation_frames(run: str | Path, limit: int = FOLDER_FRAMES) -> list[Frame]:
+    """Up to ``limit`` of the images the run held out for validation: the data sources its
+    model.json records (local exports; relative paths from the working directory) read again and
+    split with its recorded split options. [] when they cannot be read here (moved, downloaded from a
+    server, no images in the export): the caller verifies on other frames then."""
+    from serverless.bundle import load_info
+    from serverless.imageio import read_image
+    from trainer.data.options import DataOptions, load_from_args
+    from trainer.data.splits import SplitOptions, split_data
+
+    provenance = load_info(run).provenance
+    sources = provenance.get("data", {}).get("sources") or []
+    if not sources or not all(Path(source).exists() for source in sources):
+        return []
+    try:
+        data = load_from_args(DataOptions(data=list(sources)))
+        options = SplitOptions.from_dict(provenance.get("split_options", {}))
+        held_out = split_data(data, options, require_train=False)["val"]
+        paths = [record.path for record in held_out if record.path is not None][:limit]
+        return [(f"validation image {Path(path).name}", read_image(path)) for path in paths]
+    except (UserError, OSError):
+        return []
 
 
 def generated_frames(sizes: Sequence[tuple[int, int]] = GENERATED_SIZES, seed: int = 0) -> list[Frame]:
