@@ -214,3 +214,14 @@ def test_verification_frames_are_the_images_the_run_held_out(tmp_path):
     meta["provenance"]["data"]["sources"] = [str(tmp_path / "moved.zip")]  # not readable here
     (run / "model.json").write_text(json.dumps(meta))
     assert validation_frames(run) == []
+
+
+def test_cpu_package_serves_the_engine_and_says_what_it_was_verified_on(exported, tmp_path, capsys):
+    from trainer.commands import main
+
+    assert main(["package", str(exported), "--out", str(tmp_path / "fn"), "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU, OpenVINO" in out and "note:" not in out
+    verified = next(line for line in out.splitlines() if line.startswith("OpenVINO export verified"))
+    assert "generated 160x120" in verified and "0 missing, 0 extra" in verified
+    assert "engine.xml" in out and "weights.pt" not in out
