@@ -225,3 +225,27 @@ def test_cpu_package_serves_the_engine_and_says_what_it_was_verified_on(exported
     verified = next(line for line in out.splitlines() if line.startswith("OpenVINO export verified"))
     assert "generated 160x120" in verified and "0 missing, 0 extra" in verified
     assert "engine.xml" in out and "weights.pt" not in out
+
+
+def test_crop_with_the_engine_cuts_what_pytorch_cuts(exported, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from trainer.commands import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, frame in generated_frames(((200, 150), (97, 203)), seed=3):
+        Image.fromarray(frame).save(images / f"{name.split()[-1]}.png")
+    rows = {}
+    for engine in ("pytorch", "openvino"):
+        out = tmp_path / engine
+        args = ["--model", str(exported), "--images", str(images), "--out", str(out), "--threshold", "0.2"]
+        assert main(["crop", *args, "--device", "cpu", "--engine", engine]) == 0
+        with (out / "metadata.csv").open(newline="", encoding="utf-8") as fh:
+            rows[engine] = sorted(csv.DictReader(fh), key=lambda r: (r["source_image"], -float(r["score"])))
+    assert len(rows["openvino"]) == len(rows["pytorch"]) > 0
+    for got, want in zip(rows["openvino"], rows["pytorch"], strict=True):
+        assert (got["source_image"], got["label"]) == (want["source_image"], want["label"])
+        assert all(abs(int(got[k]) - int(want[k])) <= 1 for k in ("x1", "y1", "x2", "y2"))
