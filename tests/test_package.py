@@ -228,6 +228,9 @@ body["threshold"] = 0.0
 event = nuclio_sdk.Event(body=body, content_type="application/json")
 response = Platform().call_handler(main.handler, event)
 print("RESULT", response.status_code, response.body)
+bad = nuclio_sdk.Event(body={{"image": body["image"], "threshold": 2}}, content_type="application/json")
+response = Platform().call_handler(main.handler, bad)
+print("BAD", response.status_code, response.body)
 """
     env = {k: v for k, v in os.environ.items() if k not in ("CVAT_DETECTOR_BUNDLE", "PYTHONPATH")}
     for item in _load(fn / "function.yaml")["spec"]["env"]:  # as Nuclio sets them, but the bundle path
@@ -240,6 +243,8 @@ print("RESULT", response.status_code, response.body)
     assert "/opt/nuclio/bundle" not in done.stdout and str(fn / "bundle") in done.stdout
     status, body = re.search(r"^RESULT (\d+) (.*)$", done.stdout, re.M).groups()
     assert status == "200", body
+    bad = re.search(r"^BAD (\d+) (.*)$", done.stdout, re.M).groups()  # CVAT shows this JSON's error
+    assert bad[0] == "400" and json.loads(bad[1])["error"].startswith("threshold: expected a number")
     return json.loads(body)
 
 
