@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from serverless.architectures import build_model, get_architecture
 from serverless.errors import BundleError
 
@@ -38,6 +40,11 @@ PLOTS = "plots"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
 BUNDLE_FILES = (MODEL_JSON, WEIGHTS, LABELS_TXT)
+# The CPU engine's export of the weights (serverless.engine), beside them once exported.
+ENGINE_XML = "engine.xml"
+ENGINE_BIN = "engine.bin"
+ENGINE_JSON = "engine.json"
+ENGINE_FILES = (ENGINE_XML, ENGINE_BIN, ENGINE_JSON)
 
 
 @dataclass
@@ -68,6 +75,22 @@ class BundleInfo:
             max_size=self.max_size,
             detections_per_img=self.detections_per_img,
         )
+
+    def score_floors(self, threshold: float | None = None) -> np.ndarray:
+        """Per-class score thresholds: ``threshold`` for every class, else the calibrated ones."""
+        if threshold is not None:
+            return np.full(len(self.labels), float(threshold), dtype=np.float32)
+        return np.array(
+            [self.class_thresholds.get(name, self.threshold) for name in self.labels], dtype=np.float32
+        )
+
+    def check_tiles(self, source: str) -> None:
+        """Refuse a tiling the detectors cannot serve: the overlap must fit inside a tile."""
+        tile, overlap = self.tile_size, self.tile_overlap
+        if tile is not None and not 0 <= overlap < tile:
+            raise BundleError(
+                f"{source}: tile_overlap must be >= 0 and smaller than tile_size ({tile}), got {overlap}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from serverless.detector import Detections
+from serverless.detections import Detections
 from serverless.mask_polygon import TOLERANCE
 from serverless.score_attribute import ScoreAttribute
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,6 +50,11 @@ def over_limit_message(source: str, width: int, height: int, limit: int) -> str:
         f"{source}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
         f"pixels; to allow it, pass --max-pixels {width * height} or set {MAX_PIXELS_ENV}={width * height}"
     )
+
+
+def frame_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a decoded frame: an HxWx3 array, or a 3xHxW tensor (GPU JPEG decoding)."""
+    return image.shape[:2] if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
 
 
 def decode_image(data: bytes, source: str = "image", max_pixels: int | None = None) -> np.ndarray:

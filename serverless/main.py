@@ -12,6 +12,9 @@ Settings (environment, ``spec.env`` in function.yaml):
 - ``CVAT_DETECTOR_BUNDLE``: the bundle directory; default ``bundle`` beside the ``serverless``
   package, which is ``/opt/nuclio/bundle`` in a function made by ``python -m trainer package``.
 - ``CVAT_DETECTOR_DEVICE``: ``auto`` (default: the GPU when one is visible), ``cuda:1``, ``cpu``.
+- ``CVAT_DETECTOR_ENGINE``: ``pytorch`` (default) or ``openvino``: the bundle's verified OpenVINO
+  export on the CPU, without importing torch (``package --cpu`` sets it; :mod:`serverless.engine`).
+- ``CVAT_DETECTOR_THREADS``: intra-op threads on the CPU (default: the container's CPU quota).
 - ``CVAT_DETECTOR_PRECISION``: ``auto`` (default: bf16 on GPUs of compute capability 8.0+, fp16 on
   7.x, else fp32; :mod:`serverless.precision`), ``bf16``, ``fp16``, ``off`` (fp32).
 - ``CVAT_DETECTOR_GPU_JPEG``: ``auto`` (default: JPEG frames are decoded on the GPU where that gives
@@ -33,12 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from serverless.cvat_shapes import to_cvat_shapes
-from serverless.detector import Detector, frame_size
-from serverless.gpu_jpeg import SUBSAMPLINGS, FrameDecoder
-from serverless.imageio import ImageDecodeError, pixel_limit
+from serverless.engine import ENGINE_ENV, ENGINES, open_detector
+from serverless.imageio import ImageDecodeError, decode_image, frame_size, pixel_limit
 from serverless.precision import MODES
 from serverless.score_attribute import ScoreAttribute
 
@@ -69,10 +69,11 @@ def init_context(context: Any) -> None:
     gpu_jpeg = _env_choice(GPU_JPEG_ENV, ("auto", "off"))
     score = ScoreAttribute.from_env()
     start = time.perf_counter()
-    detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto", precision)
+    engine = _env_choice(ENGINE_ENV, ENGINES)
+    detector = open_detector(bundle, os.environ.get(DEVICE_ENV) or "auto", engine, precision)
     loaded = time.perf_counter()
     detector.warmup()
-    decoder = FrameDecoder(detector.device, enabled=gpu_jpeg == "auto")
+    decoder = _frame_decoder(detector, engine, gpu_jpeg)
     context.user_data.detector = detector
     context.user_data.decoder = decoder
     context.user_data.max_pixels = max_pixels
@@ -85,9 +86,10 @@ def init_context(context: Any) -> None:
         labels=detector.labels,
         shape_type=detector.info.shape_type,
         device=str(device),
-        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        engine=engine,
+        gpu=_gpu_name(device),
         precision=str(detector.precision),
-        gpu_jpeg=[SUBSAMPLINGS[code] for code in sorted(decoder.subsamplings)] or "off",
+        gpu_jpeg=_gpu_jpeg(decoder),
         load_s=round(loaded - start, 2),
         warmup_s=round(time.perf_counter() - loaded, 2),
         score_attribute=f"{score.name} ({score.fmt})" if score else None,
@@ -169,6 +171,43 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"environment variable {name}: expected one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+class _CpuDecoder:
+    """Request frames decoded by :func:`serverless.imageio.decode_image`: the OpenVINO function's
+    decoder (its image has no torch, and its frames are for the CPU anyway)."""
+
+    on_gpu = False
+    subsamplings: frozenset[int] = frozenset()
+    decode = staticmethod(decode_image)
+
+
+def _frame_decoder(detector: Any, engine: str, gpu_jpeg: str) -> Any:
+    """:class:`serverless.gpu_jpeg.FrameDecoder` for PyTorch (JPEGs on the GPU where it may), else
+    :class:`_CpuDecoder`; gpu_jpeg imports torch, so only the PyTorch detector imports it."""
+    if engine != "pytorch":
+        return _CpuDecoder()
+    from serverless.gpu_jpeg import FrameDecoder
+
+    return FrameDecoder(detector.device, enabled=gpu_jpeg == "auto")
+
+
+def _gpu_jpeg(decoder: Any) -> list[str] | str:
+    """The chroma subsamplings the GPU decodes, for the start-up log; "off" when none."""
+    if not decoder.subsamplings:
+        return "off"
+    from serverless.gpu_jpeg import SUBSAMPLINGS
+
+    return [SUBSAMPLINGS[code] for code in sorted(decoder.subsamplings)]
+
+
+def _gpu_name(device: Any) -> str | None:
+    """The GPU's name; torch is imported only for a GPU (the OpenVINO function has no torch)."""
+    if getattr(device, "type", device) != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 def _response(context: Any, payload: Any, status: int) -> Any:

@@ -24,8 +24,13 @@ def make_bundle(
     max_size: int = 256,
     detections_per_img: int = 20,
     seed: int = 0,
+    feature_gain: float = 1.0,
 ) -> Path:
-    """Write an untrained bundle to ``directory``; Mask R-CNN bundles serve masks."""
+    """Write an untrained bundle to ``directory``; Mask R-CNN bundles serve masks.
+
+    ``feature_gain`` multiplies the FPN's lateral convolutions: an untrained MobileNet's features
+    vanish (~1e-8), so every detection gets the same score and ties decide which ones a cap keeps;
+    a gain of 1e8 gives features of order 1 and scores that differ, as a trained model's do."""
     torch.manual_seed(seed)
     info = BundleInfo(
         architecture=arch,
@@ -37,5 +42,9 @@ def make_bundle(
         threshold=threshold,
     )
     model = info.build()
+    if feature_gain != 1.0:
+        with torch.no_grad():
+            for block in model.backbone.fpn.inner_blocks:
+                block[0].weight *= feature_gain
     save_bundle(directory, info, model.state_dict())
     return Path(directory)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from serverless.bundle import BundleError
-from serverless.detector import Detections, Detector, tile_windows
+from serverless.detector import Detections, Detector
+from serverless.tiling import tile_windows
 from tests.factories import make_bundle
 
 

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from serverless.bundle import BundleInfo
+from serverless.bundle import ENGINE_FILES, BundleInfo
+from serverless.engine import ENGINE_ENV
 from serverless.errors import UserError
 from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.deploy import nuclio as package
+from trainer.deploy.export import generated_frames
 from trainer.deploy.nuclio import function_name, label_spec, package_function
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +53,9 @@ def lambda_listing(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_function_config(config: dict[str, Any], labels: list[str], shape: str, gpu: bool) -> None:
+def check_function_config(
+    config: dict[str, Any], labels: list[str], shape: str, gpu: bool, engine: str = "pytorch"
+) -> None:
     """Every field CVAT and Nuclio rely on, as docs/design.md's contract states it."""
     meta = config["metadata"]
     assert re.fullmatch(r"[a-z][a-z0-9-]*[a-z0-9]", meta["name"]) and len(meta["name"]) <= 56
@@ -82,7 +86,9 @@ def check_function_config(config: dict[str, Any], labels: list[str], shape: str,
     commands = " ".join(d["value"] for d in build["directives"]["preCopy"] if d["kind"] == "RUN")
     for requirement in ("nuclio-sdk", "Pillow", "PyYAML"):
         assert requirement in commands
-    assert ("torch==" in commands) == (not gpu)  # the CUDA image already has torch/torchvision
+    assert ("torch==" in commands) == (not gpu and engine == "pytorch")  # the CUDA image has torch
+    assert ("openvino==" in commands) == (engine == "openvino")
+    assert ({"name": ENGINE_ENV, "value": "openvino"} in spec_["env"]) == (engine == "openvino")
 
     trigger = spec_["triggers"]["myHttpTrigger"]
     assert trigger["kind"] == "http" and trigger["maxWorkers"] == 1
@@ -104,6 +110,18 @@ def run_dir(tmp_path_factory) -> Path:
     return make_bundle(
         tmp_path_factory.mktemp("runs") / "bccd-v2", LABELS, min_size=96, max_size=128
     )
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory) -> Path:
+    """A run whose OpenVINO export verifies on FRAMES: scores that differ (make_bundle's
+    feature_gain), so that the 50-detection cap does not choose among ties."""
+    return make_bundle(tmp_path_factory.mktemp("runs") / "bccd-cpu", LABELS, min_size=128, max_size=192,
+                       threshold=0.05, detections_per_img=50, feature_gain=1e8)  # fmt: skip
+
+
+#: Small verification frames, one of a size at which float32 resize arithmetic is off.
+FRAMES = generated_frames(((160, 120), (301, 100), (90, 160)), seed=1)
 
 
 def test_top_level_template_is_the_packaged_one():
@@ -133,12 +151,33 @@ def test_packaged_gpu_function_is_what_cvat_reads(run_dir, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
 
 
-def test_cpu_function_has_no_gpu_limit_and_installs_cpu_torch(run_dir, tmp_path):
-    package_function(run_dir, tmp_path / "fn", name="BCCD cells (CPU)", cpu=True)
+def test_cpu_function_is_served_by_its_verified_openvino_export_without_torch(cpu_run, tmp_path):
+    done = package_function(cpu_run, tmp_path / "fn", name="BCCD cells (CPU)", cpu=True, frames=FRAMES)
     config = _load(tmp_path / "fn" / "function.yaml")
-    check_function_config(config, LABELS, "rectangle", gpu=False)
+    check_function_config(config, LABELS, "rectangle", gpu=False, engine="openvino")
+    assert done.engine == "openvino" and done.note is None
     assert config["metadata"]["name"] == "bccd-cells-cpu"
     assert config["metadata"]["annotations"]["name"] == "BCCD cells (CPU)"
+    assert sorted(p.name for p in (tmp_path / "fn" / "bundle").iterdir()) == sorted(
+        ["labels.txt", "model.json", *ENGINE_FILES]
+    )  # the weights stay behind: nothing in the image reads them
+
+
+def test_cpu_function_of_an_unfaithful_export_is_served_by_pytorch(run_dir, tmp_path, monkeypatch):
+    from trainer.deploy import export
+
+    def unfaithful(run: Path, frames: Any) -> None:
+        raise export.EngineUnfaithful("fasterrcnn_mobilenet_v3_large_fpn: the OpenVINO export differs")
+
+    monkeypatch.setattr(export, "ensure_engine", unfaithful)
+    done = package_function(run_dir, tmp_path / "fn", cpu=True)
+    check_function_config(_load(tmp_path / "fn" / "function.yaml"), LABELS, "rectangle", gpu=False)
+    assert done.engine == "pytorch" and "export differs" in done.note and "PyTorch" in done.note
+    assert (tmp_path / "fn" / "bundle" / "weights.pt").is_file()
+    package_function(run_dir, tmp_path / "torch", cpu=True, engine="pytorch")
+    check_function_config(_load(tmp_path / "torch" / "function.yaml"), LABELS, "rectangle", gpu=False)
+    with pytest.raises(UserError, match="--cpu"):
+        package_function(run_dir, tmp_path / "gpu", engine="openvino")
 
 
 def test_mask_bundles_declare_mask_labels():
@@ -173,29 +212,55 @@ def test_a_name_without_letters_or_digits_is_refused():
         function_name("!!! ???")
 
 
-def test_packaged_function_runs_on_its_own_as_nuclio_loads_it(run_dir, tmp_path):
-    """Import main.py from the function directory, not the repository, with the default bundle
-    path, and answer the captured CVAT request through nuclio-sdk's Platform."""
-    fn = tmp_path / "fn"
-    package_function(run_dir, fn)
+def _serve_captured_request(fn: Path, block_torch: bool = False) -> list[dict[str, Any]]:
+    """Import main.py from the function directory ``fn``, not the repository, with the default
+    bundle path, and answer the captured CVAT request through nuclio-sdk's Platform."""
     script = f"""
 import json, sys
+if {block_torch}:
+    sys.modules["torch"] = None  # the OpenVINO function's image has no torch
 import nuclio_sdk
 from nuclio_sdk.test import Platform
 import main, serverless
 assert serverless.__file__.startswith({str(fn)!r}), serverless.__file__
 body = json.loads(open({str(CAPTURES / "interactive_request_body.json")!r}, "rb").read())
+body["threshold"] = 0.0
 event = nuclio_sdk.Event(body=body, content_type="application/json")
 response = Platform().call_handler(main.handler, event)
-print("RESULT", response.status_code, len(json.loads(response.body)))
+print("RESULT", response.status_code, response.body)
+bad = nuclio_sdk.Event(body={{"image": body["image"], "threshold": 2}}, content_type="application/json")
+response = Platform().call_handler(main.handler, bad)
+print("BAD", response.status_code, response.body)
 """
     env = {k: v for k, v in os.environ.items() if k not in ("CVAT_DETECTOR_BUNDLE", "PYTHONPATH")}
+    for item in _load(fn / "function.yaml")["spec"]["env"]:  # as Nuclio sets them, but the bundle path
+        if item["name"] != "CVAT_DETECTOR_BUNDLE":
+            env[item["name"]] = item["value"]
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=fn, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "RESULT 200 " in done.stdout
     assert "/opt/nuclio/bundle" not in done.stdout and str(fn / "bundle") in done.stdout
+    status, body = re.search(r"^RESULT (\d+) (.*)$", done.stdout, re.M).groups()
+    assert status == "200", body
+    bad = re.search(r"^BAD (\d+) (.*)$", done.stdout, re.M).groups()  # CVAT shows this JSON's error
+    assert bad[0] == "400" and json.loads(bad[1])["error"].startswith("threshold: expected a number")
+    return json.loads(body)
+
+
+def test_packaged_function_runs_on_its_own_as_nuclio_loads_it(run_dir, tmp_path):
+    assert len(_serve_captured_request(package_function(run_dir, tmp_path / "fn").out)) > 0
+
+
+def test_openvino_function_answers_cvat_as_the_pytorch_function_does(cpu_run, tmp_path):
+    expected = _serve_captured_request(package_function(cpu_run, tmp_path / "gpu").out)
+    cpu = package_function(cpu_run, tmp_path / "cpu", cpu=True, frames=FRAMES)
+    shapes = _serve_captured_request(cpu.out, block_torch=True)
+    assert [s["label"] for s in shapes] == [s["label"] for s in expected] and len(shapes) > 0
+    for got, want in zip(shapes, expected, strict=True):
+        assert got["type"] == want["type"] == "rectangle"
+        assert max(abs(a - b) for a, b in zip(got["points"], want["points"], strict=True)) <= 1.0
+        assert abs(float(got["confidence"]) - float(want["confidence"])) <= 1e-3
 
 
 def test_existing_directory_is_refused_then_replaced_whole(run_dir, tmp_path):
@@ -239,7 +304,7 @@ def test_refuses_to_replace_the_run_and_unloadable_weights(run_dir, tmp_path):
 def test_cli_packages_models_side_by_side_and_prints_the_next_step(run_dir, tmp_path, capsys):
     for name in ("bccd", "bccd-cpu"):
         args = ["package", str(run_dir), "--out", str(tmp_path / name), "--name", name]
-        assert main([*args, "--cpu"] if name.endswith("cpu") else args) == 0
+        assert main([*args, "--cpu", "--engine", "pytorch"] if name.endswith("cpu") else args) == 0
         out = capsys.readouterr().out
         assert f"Nuclio function '{name}'" in out and str(tmp_path / name / "function.yaml") in out
         assert re.search(rf"next: \S*deploy_gpu\.sh {re.escape(str(tmp_path / name))}$", out, re.M)

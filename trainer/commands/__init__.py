@@ -69,12 +69,17 @@ def crop_main() -> int:
 # ---------------------------------------------------------------- options defined once
 
 
-def add_model_options(group: Any, *, threshold: bool = True) -> None:
-    """--device and --threshold of every command that runs a trained model."""
+def add_model_options(group: Any, *, threshold: bool = True, engine: bool = True) -> None:
+    """--device, --engine and --threshold of every command that runs a trained model."""
+    from serverless.engine import ENGINES
     from trainer.training.config import parse_device
 
     group.add_argument("--device", default="auto", type=partial(_as_argparse_type, parse=parse_device),
                        help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)")
+    if engine:
+        group.add_argument("--engine", choices=ENGINES, default="pytorch",
+                           help="openvino: the run's OpenVINO export on the CPU, made and verified against "
+                                "PyTorch on first use (default: pytorch)")
     if threshold:
         group.add_argument("--threshold", type=partial(_as_argparse_type, parse=parse_threshold),
                            help="score threshold for every label (default: the model's calibrated ones)")

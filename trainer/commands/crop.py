@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         _check_detection_args(args, data_options)
         summary = crop_detections(
-            _load_detector(args.model, args.device, labels), args.images, args.out, options,
+            _load_detector(args, labels), args.images, args.out, options,
             threshold=args.threshold, labels=labels,
         )  # fmt: skip
     else:
@@ -198,14 +198,15 @@ def _check_annotation_args(args: argparse.Namespace) -> None:
         raise UserError(f"{' and '.join(given)} only apply with --model RUN")
 
 
-def _load_detector(run_dir: str, device: str, labels: list[str] | None) -> Detector:
+def _load_detector(args: argparse.Namespace, labels: list[str] | None) -> Detector:
     """The model, once its labels are known to cover --labels (loading weights takes a while)."""
     from serverless.bundle import load_info
-    from serverless.detector import Detector
     from trainer.crop.exporter import check_labels
+    from trainer.deploy.export import detector_for, folder_frames
 
-    check_labels(labels, load_info(run_dir).labels)
-    return Detector(run_dir, device)
+    check_labels(labels, load_info(args.model).labels)
+    frames = folder_frames(args.images) if args.engine == "openvino" else None
+    return detector_for(args.model, args.device, args.engine, frames)
 
 
 def _load_all_labels(data_options: DataOptions) -> DetectionData:

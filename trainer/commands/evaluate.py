@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["bbox", "segm"],
         help="compare boxes, or masks of a mask model (default: %(default)s)",
     )
-    add_model_options(g, threshold=False)
+    add_model_options(g, threshold=False, engine=False)
     g.add_argument(
         "--out", help="folder for results.txt, metrics.json, plots (default: RUN/eval-SUBSET)"
     )

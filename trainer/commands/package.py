@@ -3,6 +3,12 @@
 The directory holds function.yaml (project cvat, a detector whose labels are the run's labels, one
 GPU, one worker), main.py, the serverless runtime and the bundle. Deploy it with deploy_gpu.sh.
 
+--cpu serves the model with OpenVINO on an image without torch: the network is exported beside the
+run's weights (engine.xml, engine.bin, engine.json) and verified to find what PyTorch finds on
+--verify-images (up to 8 of them; by default the images the run held out for validation, read
+from the data its model.json records, else generated frames). A model whose export differs is
+served by PyTorch on the CPU instead, and the command says why.
+
 Scores: every label declares an attribute "score" and each detection returns its score in it
 ("0.873"). CVAT keeps it when the task's label has an attribute of that name: type text, or with
 --score-format percent ("87") type number with min 0, max 100, step 1 (never a fractional step:
@@ -10,8 +16,9 @@ CVAT then fails every call). A task label without the attribute simply gets the 
 
 Examples:
   python -m trainer package runs/bccd --out functions/bccd
-  python -m trainer package runs/bccd --out functions/bccd-cpu --name "BCCD cells (CPU)" --cpu
   python -m trainer package runs/bccd --out functions/bccd --score-format percent
+  python -m trainer package runs/bccd --out functions/bccd-cpu --name "BCCD cells (CPU)" --cpu \
+      --verify-images bccd/images/Validation
   ./deploy_gpu.sh functions/bccd
 """
 
@@ -36,8 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu",
         action="store_true",
-        help="CPU base image and no GPU limit (slower; no NVIDIA needed)",
+        help="CPU image and no GPU limit, served by OpenVINO (no NVIDIA needed)",
     )
+    parser.add_argument(
+        "--engine", choices=["openvino", "pytorch"],
+        help="what serves a --cpu function (default: openvino; the GPU function always uses pytorch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify-images", metavar="DIR",
+        help="images to verify the OpenVINO export on (default: the run's validation images when its data "
+             "is readable here, else generated frames)",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     score = parser.add_argument_group("score attribute")
     score.add_argument(
@@ -63,17 +79,23 @@ def _attribute_name(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from serverless.score_attribute import ScoreAttribute
+    from trainer.deploy.export import folder_frames
     from trainer.deploy.nuclio import package_function
 
     score = None if args.no_score else ScoreAttribute(args.score_attribute, args.score_format)
-    done = package_function(
-        args.run, args.out, name=args.name, cpu=args.cpu, overwrite=args.overwrite, score=score
-    )
+    frames = folder_frames(args.verify_images) if args.verify_images else None
+    done = package_function(args.run, args.out, name=args.name, cpu=args.cpu, engine=args.engine,
+                            frames=frames, overwrite=args.overwrite, score=score)  # fmt: skip
     info, out = done.info, done.out
+    if done.note:
+        print(f"note: {done.note}")
+    if done.engine == "openvino":
+        print(_verified(args.run))
+    served = f"CPU, {'OpenVINO' if done.engine == 'openvino' else 'PyTorch'}" if done.cpu else "GPU"
     print(
         f"packaged {args.run} as Nuclio function {done.name!r} (CVAT shows {done.display_name!r}): "
         f"{info.architecture}, {len(info.labels)} {info.shape_type} labels "
-        f"({', '.join(info.labels)}), {'CPU' if done.cpu else 'GPU'}"
+        f"({', '.join(info.labels)}), {served}"
     )
     if score is not None:
         kind = "number 0-100 step 1" if score.fmt == "percent" else "text"
@@ -84,9 +106,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {out / 'function.yaml'}")
     print(f"  {out / 'main.py'}")
     print(f"  {out / 'serverless'}/ ({', '.join(done.runtime_files)})")
-    print(f"  {out / 'bundle'}/ (model.json, weights.pt, labels.txt)")
+    print(f"  {out / 'bundle'}/ ({', '.join(sorted(p.name for p in (out / 'bundle').iterdir()))})")
     print(f"next: {_deploy_script()} {out}")
     return 0
+
+
+def _verified(run: str) -> str:
+    """What the OpenVINO export was verified on, and how close it came to PyTorch."""
+    from serverless.engine import load_engine_info
+    from trainer.deploy.export import Agreement
+
+    verification = load_engine_info(run).verification
+    frames = verification["frames"]
+    shown = ", ".join(frames[:3]) + (", ..." if len(frames) > 3 else "")
+    agreement = Agreement(**verification["agreement"])
+    return f"OpenVINO export verified against PyTorch on {shown}: {agreement.summary()}"
 
 
 def _deploy_script() -> str:

@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_folder(args: argparse.Namespace) -> int:
-    from serverless.detector import Detector
     from serverless.errors import UserError
+    from trainer.deploy.export import detector_for, folder_frames
     from trainer.inference import find_images, predict_folder, summary_lines, write_json
 
     root: Path = args.images
@@ -100,7 +100,8 @@ def _run_folder(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
     if not find_images(root, exclude=args.previews):
         raise UserError(f"--images {root}: no .jpg/.jpeg/.png/.tif/.tiff/.bmp files found")
-    detector = Detector(args.run, args.device)
+    frames = folder_frames(root) if args.engine == "openvino" else None
+    detector = detector_for(args.run, args.device, args.engine, frames)
     result = predict_folder(detector, root, threshold=args.threshold, previews=args.previews)
     if not result.coco["images"]:
         raise UserError(f"--images {root}: none of the images could be read")
@@ -112,7 +113,6 @@ def _run_folder(args: argparse.Namespace) -> int:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    from serverless.detector import Detector
     from serverless.errors import UserError
     from trainer.cvat.server import connect
     from trainer.cvat.upload import (
@@ -122,6 +122,7 @@ def _run_server(args: argparse.Namespace) -> int:
         upload_errors,
         upload_predictions,
     )
+    from trainer.deploy.export import detector_for
 
     options = UploadOptions(
         threshold=args.threshold,
@@ -132,7 +133,7 @@ def _run_server(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         score_attribute=args.score_attribute,
     )
-    detector = Detector(args.run, args.device)
+    detector = detector_for(args.run, args.device, args.engine)
     if args.polygons and not detector.has_masks:
         raise UserError(f"--polygons: {args.run} is a box model ({detector.info.architecture})")
     with connect(args.server) as client, upload_errors(args.server):

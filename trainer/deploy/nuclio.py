@@ -3,7 +3,12 @@
     DIR/function.yaml   from the template serverless/function.yaml: name, labels, description, image
     DIR/main.py         the entry point Nuclio loads (spec.handler main:handler)
     DIR/serverless/     the runtime package (its Python files)
-    DIR/bundle/         model.json, weights.pt, labels.txt (CVAT_DETECTOR_BUNDLE=/opt/nuclio/bundle)
+    DIR/bundle/         model.json, weights.pt, labels.txt (CVAT_DETECTOR_BUNDLE=/opt/nuclio/bundle);
+                        a CPU function served by OpenVINO has engine.xml/.bin/.json instead of weights.pt
+
+A CPU function (``cpu=True``) is served by the bundle's OpenVINO export (serverless/engine.py), made
+and verified here (trainer/deploy/export.py), on an image without torch; a bundle whose export does
+not reproduce PyTorch is served by PyTorch on the CPU instead, and :attr:`Packaged.note` says why.
 
 The directory is built under a temporary name beside DIR and renamed into place, so DIR is either
 the previous function or the complete new one. Several models live side by side under their names.
@@ -16,17 +21,31 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 import serverless
-from serverless.bundle import LABELS_TXT, MODEL_JSON, WEIGHTS, BundleError, BundleInfo, load_info, load_model
+from serverless.bundle import (
+    ENGINE_FILES,
+    LABELS_TXT,
+    MODEL_JSON,
+    WEIGHTS,
+    BundleError,
+    BundleInfo,
+    load_info,
+    load_model,
+)
+from serverless.engine import ENGINE_ENV, ENGINES
 from serverless.errors import UserError
 from serverless.score_attribute import DEFAULT_SCORE, ScoreAttribute
+
+if TYPE_CHECKING:
+    from trainer.deploy.export import Frame
 
 #: Nuclio makes Kubernetes names "nuclio-<name>" that must fit in 63 characters.
 MAX_NAME = 56
@@ -41,6 +60,8 @@ CPU_TORCH = (
     "--index-url https://download.pytorch.org/whl/cpu".format(*IMAGE_TORCH[GPU_BASE_IMAGE])
 )
 CPU_EVENT_TIMEOUT = "120s"
+#: The OpenVINO CPU function installs the runtime its engine was exported with, and no torch.
+CPU_OPENVINO = "pip install --no-cache-dir openvino=={}"
 #: Python inside the base images we name, which spec.runtime must match.
 IMAGE_PYTHON = {
     GPU_BASE_IMAGE: "3.11",
@@ -65,6 +86,8 @@ class Packaged:
     cpu: bool
     runtime_files: list[str]
     score: ScoreAttribute | None = None
+    engine: str = "pytorch"  # what serves the bundle: "openvino" (CPU only) or "pytorch"
+    note: str | None = None  # why a CPU function is served by PyTorch after all
 
 
 def package_function(
@@ -73,17 +96,23 @@ def package_function(
     *,
     name: str | None = None,
     cpu: bool = False,
+    engine: str | None = None,
+    frames: Sequence[Frame] | None = None,
     overwrite: bool = False,
     score: ScoreAttribute | None = DEFAULT_SCORE,
 ) -> Packaged:
     """Write the function directory ``out`` for the bundle in ``run``; refuses an existing ``out``
     unless ``overwrite``. ``score`` is the attribute each detection's score is returned as
-    (None: no attribute)."""
+    (None: no attribute). ``engine``: ``openvino`` (default with ``cpu``; verified on ``frames``,
+    generated ones when None) or ``pytorch``."""
     run, out = Path(run), Path(out)
     _check_target(run, out, overwrite)
     info = _load_checked(run)
+    engine, note, openvino = _choose_engine(run, cpu, engine, frames)
     display_name = name or run.resolve().name
-    config = function_config(info, function_name(display_name), display_name, cpu=cpu, score=score)
+    config = function_config(
+        info, function_name(display_name), display_name, cpu=cpu, score=score, openvino=openvino
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -92,7 +121,29 @@ def package_function(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Packaged(out, config["metadata"]["name"], display_name, info, cpu, runtime_files, score)
+    return Packaged(
+        out, config["metadata"]["name"], display_name, info, cpu, runtime_files, score, engine, note
+    )
+
+
+def _choose_engine(
+    run: Path, cpu: bool, engine: str | None, frames: Sequence[Frame] | None
+) -> tuple[str, str | None, str | None]:
+    """(engine, why PyTorch serves a CPU function after all, OpenVINO version the image installs)."""
+    engine = engine or ("openvino" if cpu else "pytorch")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if engine == "pytorch":
+        return engine, None, None
+    if not cpu:
+        raise UserError("--engine openvino is a CPU engine; add --cpu")
+    from trainer.deploy.export import EngineUnfaithful, ensure_engine
+
+    try:
+        exported = ensure_engine(run, frames)
+    except EngineUnfaithful as exc:
+        return "pytorch", f"{exc}; the function serves the bundle with PyTorch on the CPU instead", None
+    return engine, None, exported.exported_with["openvino"]
 
 
 def function_name(text: str) -> str:
@@ -112,10 +163,11 @@ def function_name(text: str) -> str:
 
 def function_config(
     info: BundleInfo, name: str, display_name: str, *, cpu: bool = False,
-    score: ScoreAttribute | None = None,
+    score: ScoreAttribute | None = None, openvino: str | None = None,
 ) -> dict[str, Any]:
     """The template's configuration filled in for one bundle (see serverless/function.yaml); with
-    ``score``, every label declares the score attribute and the function is told to return it."""
+    ``score``, every label declares the score attribute and the function is told to return it;
+    ``openvino``: the version of the OpenVINO runtime that serves a CPU function instead of torch."""
     config = yaml.safe_load(template_text())
     annotations = config["metadata"]["annotations"]
     spec = config["spec"]
@@ -125,11 +177,14 @@ def function_config(
     annotations["spec"] = label_spec(info, score)
     if score is not None:
         spec["env"] = [*spec.get("env", []), *score.env()]
-    spec["description"] = _description(info, display_name, cpu)
+    spec["description"] = _description(info, display_name, cpu, openvino)
     build["image"] = f"cvat.detector.{name}"
     if cpu:
         build["baseImage"] = CPU_BASE_IMAGE
-        build["directives"]["preCopy"].insert(0, {"kind": "RUN", "value": CPU_TORCH})
+        runtime = CPU_OPENVINO.format(openvino) if openvino else CPU_TORCH
+        build["directives"]["preCopy"].insert(0, {"kind": "RUN", "value": runtime})
+        if openvino:
+            spec["env"].append({"name": ENGINE_ENV, "value": "openvino"})
         spec["eventTimeout"] = CPU_EVENT_TIMEOUT
         limits = spec["resources"]["limits"]
         del limits["nvidia.com/gpu"]
@@ -189,9 +244,9 @@ _BlockDumper.add_representer(
 )
 
 
-def _description(info: BundleInfo, display_name: str, cpu: bool) -> str:
+def _description(info: BundleInfo, display_name: str, cpu: bool, openvino: str | None) -> str:
     shown = ", ".join(info.labels[:6]) + (", …" if len(info.labels) > 6 else "")
-    device = "CPU" if cpu else "GPU"
+    device = ("CPU (OpenVINO)" if openvino else "CPU") if cpu else "GPU"
     return (
         f"{display_name}: {info.architecture} {info.shape_type} detector for "
         f"{len(info.labels)} labels ({shown}), trained with cvat-detector; {device}"
@@ -233,7 +288,8 @@ def _write_function(tmp: Path, run: Path, info: BundleInfo, config: dict[str, An
         shutil.copy2(module, runtime / module.name)
     bundle = tmp / "bundle"
     bundle.mkdir()
-    for file in (MODEL_JSON, WEIGHTS):
+    served_by_openvino = any(e["name"] == ENGINE_ENV for e in config["spec"]["env"])
+    for file in (MODEL_JSON, *(ENGINE_FILES if served_by_openvino else (WEIGHTS,))):
         shutil.copy2(run / file, bundle / file)
     (bundle / LABELS_TXT).write_text("\n".join(info.labels) + "\n", encoding="utf-8")
     return [m.name for m in modules]

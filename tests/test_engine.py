@@ -1,0 +1,251 @@
+"""The CPU engine: an OpenVINO export that finds what PyTorch finds, served without torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from serverless.bundle import ENGINE_BIN, ENGINE_JSON, ENGINE_XML, WEIGHTS, BundleError
+from serverless.detector import Detector
+from serverless.engine import (
+    ENGINE_FORMAT_VERSION,
+    THREADS_ENV,
+    EngineDetector,
+    EngineInfo,
+    _cgroup_quota,
+    cpu_threads,
+    paste_mask,
+    resized_size,
+)
+from serverless.errors import UserError
+from serverless.tiling import inclusive_box
+from tests.factories import make_bundle
+from trainer.deploy import export
+from trainer.deploy.export import (
+    EngineUnfaithful,
+    compare,
+    export_engine,
+    generated_frames,
+    validation_frames,
+)
+
+pytest.importorskip("openvino")
+
+#: Verification frames: small, and one of them at a size where float32 resize arithmetic is off.
+FRAMES = generated_frames(((160, 120), (301, 100), (90, 160)), seed=1)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A tiny MobileNet bundle and its verified export (the expensive part, done once)."""
+    bundle = make_bundle(tmp_path_factory.mktemp("engine"), ["cell", "debris"], min_size=128,
+                         max_size=192, threshold=0.05, detections_per_img=50, feature_gain=1e8)  # fmt: skip
+    export_engine(bundle, FRAMES, threads=2)
+    return bundle
+
+
+def _copy(bundle: Path, target: Path) -> Path:
+    shutil.copytree(bundle, target)
+    return target
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (1001, 333), (4000, 3000), (1268, 413), (333, 1001),
+                                           (1920, 1080), (90, 7000), (801, 799)])  # fmt: skip
+@pytest.mark.parametrize("min_size, max_size", [(800, 1333), (128, 192), (256, 256)])
+def test_resized_size_is_the_size_eager_torchvision_resizes_to(width, height, min_size, max_size):
+    transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3).eval()
+    resized, _ = transform.resize(torch.zeros(3, height, width))
+    info = EngineInfo("", min_size, max_size, fixed_size=False, masks=False)
+    assert resized_size(height, width, info) == tuple(resized.shape[-2:])
+
+
+def test_paste_mask_binarises_what_torchvision_pastes():
+    rng = np.random.default_rng(0)
+    h, w = 120, 160
+    for _ in range(200):
+        probs = rng.random((28, 28)).astype(np.float32)
+        x0, y0 = rng.uniform(-5, w), rng.uniform(-5, h)
+        box = np.array([x0, y0, x0 + rng.uniform(0.3, 90), y0 + rng.uniform(0.3, 70)], np.float32)
+        box = np.clip(box, 0, [w, h, w, h]).astype(np.float32)
+        full = paste_masks_in_image(torch.from_numpy(probs)[None, None], torch.from_numpy(box)[None], (h, w))
+        crop = inclusive_box(box, (0, 0, w, h))
+        expected = full[0, 0, crop[1] : crop[3] + 1, crop[0] : crop[2] + 1].numpy() >= 0.5
+        np.testing.assert_array_equal(paste_mask(probs, box, crop, (h, w)), expected)
+
+
+def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("250000 100000\n")
+    assert _cgroup_quota(v2) == 2.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu,cpuacct"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_quota(tmp_path / "v1") == 1.5
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _cgroup_quota(tmp_path / "v1") is None
+    assert _cgroup_quota(tmp_path / "nothing") is None
+    monkeypatch.setattr("serverless.engine._cgroup_quota", lambda: 1.5)
+    assert cpu_threads() == 1  # a quota of 1.5 CPUs: two threads would be throttled
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv(THREADS_ENV, "zero")
+    with pytest.raises(UserError, match=THREADS_ENV):
+        cpu_threads()
+
+
+def test_engine_finds_what_pytorch_finds_on_frames_it_was_not_verified_on(exported):
+    engine, pytorch = EngineDetector(exported, threads=2), Detector(exported, "cpu")
+    assert engine.labels == pytorch.labels and engine.engine.verification["agreement"]["missing"] == 0
+    for _, frame in generated_frames(((200, 150), (97, 203), (257, 31)), seed=7):
+        for threshold in (None, 0.3):
+            got, expected = engine.detect(frame, threshold), pytorch.detect(frame, threshold)
+            assert got.labels == expected.labels and len(got) > 0
+            np.testing.assert_allclose(got.boxes, expected.boxes, atol=1.0)
+            np.testing.assert_allclose(got.scores, expected.scores, atol=1e-3)
+
+
+def test_export_that_differs_from_pytorch_is_refused_and_leaves_nothing(exported, tmp_path, monkeypatch):
+    bundle = _copy(exported, tmp_path / "bundle")
+    for name in (ENGINE_JSON, ENGINE_XML, ENGINE_BIN):
+        (bundle / name).unlink()
+    original = export.OpenVinoNetwork.__call__
+
+    def shifted(self, window, size):  # an engine whose boxes are 2 px off
+        boxes, *rest = original(self, window, size)
+        return [boxes + 2, *rest]
+
+    monkeypatch.setattr(export.OpenVinoNetwork, "__call__", shifted)
+    with pytest.raises(EngineUnfaithful, match=r"differs from PyTorch: \d+ detections on 3 frames: [1-9]"):
+        export_engine(bundle, FRAMES, threads=2)
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in exported.iterdir()
+                                                              if not p.name.startswith("engine."))
+
+
+def test_engine_of_other_weights_or_format_is_refused(exported, tmp_path):
+    bundle = _copy(exported, tmp_path / "bundle")
+    weights = bundle / WEIGHTS
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="exported from other weights"):
+        EngineDetector(bundle)
+    meta = json.loads((exported / ENGINE_JSON).read_text())
+    (bundle / ENGINE_JSON).write_text(json.dumps({**meta, "format_version": ENGINE_FORMAT_VERSION + 1}))
+    with pytest.raises(BundleError, match="engine format version"):
+        EngineDetector(bundle)
+
+
+def test_compare_counts_missing_extra_and_tolerates_wobbles_at_the_threshold():
+    ref = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], np.float32),
+           "scores": np.array([0.9, 0.5004, 0.7], np.float32), "labels": np.array([1, 1, 2])}
+    got = {"boxes": np.array([[0.5, 0, 10, 10.9], [20, 20, 40, 40], [70, 70, 80, 80]], np.float32),
+           "scores": np.array([0.9005, 0.4998, 0.8], np.float32), "labels": np.array([1, 1, 2])}  # fmt: skip
+    result = compare(ref, got, np.array([0.5, 0.5], np.float32))
+    assert (result.reference, result.missing, result.extra) == (3, 1, 1)  # the class-2 boxes differ
+    assert result.worst_box_px == pytest.approx(0.9) and result.worst_score == pytest.approx(6e-4, abs=1e-5)
+    assert not result.same
+
+
+def test_serving_the_engine_never_imports_torch(exported):
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any import of torch now fails\n"
+        "import numpy as np\n"
+        "from serverless.engine import EngineDetector\n"
+        f"detector = EngineDetector({str(exported)!r}, threads=1)\n"
+        "detector.warmup()\n"
+        "print(len(detector.detect(np.full((90, 120, 3), 128, np.uint8), 0.0)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 0
+
+
+def test_predict_with_the_engine_writes_what_pytorch_writes(exported, tmp_path):
+    from PIL import Image
+
+    from trainer.commands import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, frame in generated_frames(((200, 150), (97, 203)), seed=3):
+        Image.fromarray(frame).save(images / f"{name.split()[-1]}.png")
+    results = {}
+    for engine in ("pytorch", "openvino"):
+        out = tmp_path / f"{engine}.json"
+        args = ["predict", str(exported), "--images", str(images), "--out", str(out), "--threshold", "0.2"]
+        assert main([*args, "--device", "cpu", "--engine", engine]) == 0
+        results[engine] = json.loads(out.read_text())["annotations"]
+    categories = {engine: [a["category_id"] for a in found] for engine, found in results.items()}
+    assert categories["openvino"] == categories["pytorch"]
+    for got, want in zip(results["openvino"], results["pytorch"], strict=True):
+        np.testing.assert_allclose(got["bbox"], want["bbox"], atol=1.0)
+        assert abs(got["score"] - want["score"]) <= 1e-3
+    on_gpu = ["--engine", "openvino", "--device", "cuda", "--out", str(tmp_path / "x.json")]
+    assert main(["predict", str(exported), "--images", str(images), *on_gpu]) == 2
+
+
+def test_verification_frames_are_the_images_the_run_held_out(tmp_path):
+    """model.json records the run's data and split; the images CVAT put in the Validation subset
+    (the zip's images/Validation/ folder) are the ones the export is verified on."""
+    export_zip = Path(__file__).parent / "data" / "bccd_subset" / "cvat_for_images_1.1.zip"
+    run = make_bundle(tmp_path / "run", ["RBC", "WBC", "Platelets"])
+    meta = json.loads((run / "model.json").read_text())
+    meta["provenance"] = {"data": {"sources": [str(export_zip)]}, "split_options": {"val_fraction": 0.2}}
+    (run / "model.json").write_text(json.dumps(meta))
+    with zipfile.ZipFile(export_zip) as z:
+        held_out = sorted(Path(n).name for n in z.namelist() if n.startswith("images/Validation/"))
+    frames = validation_frames(run)
+    assert sorted(name.split()[-1] for name, _ in frames) == held_out and len(held_out) == 4
+    assert all(frame.shape == (480, 640, 3) and frame.dtype == np.uint8 for _, frame in frames)
+    meta["provenance"]["data"]["sources"] = [str(tmp_path / "moved.zip")]  # not readable here
+    (run / "model.json").write_text(json.dumps(meta))
+    assert validation_frames(run) == []
+
+
+def test_cpu_package_serves_the_engine_and_says_what_it_was_verified_on(exported, tmp_path, capsys):
+    from trainer.commands import main
+
+    assert main(["package", str(exported), "--out", str(tmp_path / "fn"), "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU, OpenVINO" in out and "note:" not in out
+    verified = next(line for line in out.splitlines() if line.startswith("OpenVINO export verified"))
+    assert "generated 160x120" in verified and "0 missing, 0 extra" in verified
+    assert "engine.xml" in out and "weights.pt" not in out
+
+
+def test_crop_with_the_engine_cuts_what_pytorch_cuts(exported, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from trainer.commands import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, frame in generated_frames(((200, 150), (97, 203)), seed=3):
+        Image.fromarray(frame).save(images / f"{name.split()[-1]}.png")
+    rows = {}
+    for engine in ("pytorch", "openvino"):
+        out = tmp_path / engine
+        args = ["--model", str(exported), "--images", str(images), "--out", str(out), "--threshold", "0.2"]
+        assert main(["crop", *args, "--device", "cpu", "--engine", engine]) == 0
+        with (out / "metadata.csv").open(newline="", encoding="utf-8") as fh:
+            rows[engine] = sorted(csv.DictReader(fh), key=lambda r: (r["source_image"], -float(r["score"])))
+    assert len(rows["openvino"]) == len(rows["pytorch"]) > 0
+    for got, want in zip(rows["openvino"], rows["pytorch"], strict=True):
+        assert (got["source_image"], got["label"]) == (want["source_image"], want["label"])
+        assert all(abs(int(got[k]) - int(want[k])) <= 1 for k in ("x1", "y1", "x2", "y2"))
