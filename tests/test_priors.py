@@ -1,5 +1,6 @@
 """Anchors in the model and the bundle: the records' facts match torchvision, fitted anchors survive the
-bundle into the runtime, old bundles serve as before, pretrained heads still load."""
+bundle into the runtime, old bundles serve as before, pretrained heads still load, retraining and
+--resume keep a run's anchors."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from torchvision.models import get_model
 from serverless.architectures import ARCHITECTURES, build_model
 from serverless.bundle import BundleError, BundleInfo, load_info, save_bundle
 from serverless.detector import Detector
+from trainer.data.records import DetectionData, ImageRecord, Shape
+from trainer.data.splits import Split, SplitOptions
 from trainer.training import weights
+from trainer.training.config import TrainConfig
+from trainer.training.run import choose_sizing
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBILE = "fasterrcnn_mobilenet_v3_large_fpn"
@@ -145,3 +150,36 @@ def test_pretrained_weights_load_into_a_model_with_fitted_anchors():
     assert _generator(model, MOBILE).sizes == tuple(map(tuple, FITTED["sizes"]))
     for key, value in model.state_dict().items():
         assert torch.equal(value, pretrained[key]), key
+
+
+def _data() -> tuple[DetectionData, Split]:
+    shapes = [Shape("dot", "rectangle", box) for box in ((10.0, 10.0, 16.0, 16.0), (50.0, 50.0, 60.0, 60.0))]
+    records = [ImageRecord("Train", f"{i}.png", 320, 240, None, list(shapes)) for i in range(4)]
+    return DetectionData(["dot"], records), Split(SplitOptions(), {"train": records})
+
+
+def test_retraining_keeps_the_parent_runs_anchors_and_scale(tmp_path):
+    parent = BundleInfo(MOBILE, ["dot"], min_size=480, max_size=800, anchors=FITTED)
+    save_bundle(tmp_path, parent, build_model(MOBILE, 1, anchors=FITTED).state_dict())
+    point = weights.resolve(str(tmp_path), MOBILE)
+    data, split = _data()
+    config = TrainConfig(arch=MOBILE, weights=str(tmp_path))
+    sizing = choose_sizing(config, ARCHITECTURES[MOBILE], data, split, point)
+    assert (sizing.image_size, sizing.max_size, sizing.anchors) == (480, 800, FITTED)
+    assert sizing.how["anchors"] == "from the parent run"
+    refit = choose_sizing(TrainConfig(arch=MOBILE, anchors="default", image_size=320), ARCHITECTURES[MOBILE],
+                          data, split, point)
+    assert (refit.image_size, refit.anchors) == (320, None)
+
+
+def test_resume_rebuilds_the_checkpoints_sizing_whatever_the_options(tmp_path):
+    data, split = _data()
+    recorded = {"image_size": 288, "max_size": 600, "anchors": FITTED}
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"sizing": recorded}, tmp_path / "checkpoints" / "last.pt")
+    config = TrainConfig(arch=MOBILE, out=str(tmp_path), resume=True, image_size=640, anchors="default")
+    sizing = choose_sizing(config, ARCHITECTURES[MOBILE], data, split, weights.StartingPoint("none"))
+    assert sizing.recorded() == recorded
+    torch.save({"model": {}}, tmp_path / "checkpoints" / "last.pt")  # written before sizes were recorded
+    sizing = choose_sizing(config, ARCHITECTURES[MOBILE], data, split, weights.StartingPoint("none"))
+    assert sizing.recorded() == {"image_size": 640, "max_size": 1333, "anchors": None}
