@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serverless.architectures import build_model, get_architecture
+from serverless.architectures import build_model, check_anchors, get_architecture
 from serverless.errors import BundleError
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ class BundleInfo:
     detections_per_img: int = 300
     tile_size: int | None = None  # sliced inference for large frames when set
     tile_overlap: int = 128
+    #: Priors fitted to the training data (sizes and aspect ratios, as torchvision's anchor generator
+    #: takes them); None: the architecture's defaults, as in bundles written before they existed.
+    anchors: dict[str, list] | None = None
     threshold: float = 0.5  # default score threshold (max F1 on validation)
     class_thresholds: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +77,7 @@ class BundleInfo:
             min_size=self.min_size,
             max_size=self.max_size,
             detections_per_img=self.detections_per_img,
+            anchors=self.anchors,
         )
 
     def score_floors(self, threshold: float | None = None) -> np.ndarray:
@@ -107,7 +111,12 @@ class BundleInfo:
             )
         known = set(cls.__dataclass_fields__)
         info = cls(**{k: v for k, v in data.items() if k in known})
-        get_architecture(info.architecture)
+        spec = get_architecture(info.architecture)
+        if info.anchors is not None:
+            try:
+                check_anchors(spec.priors, info.anchors)
+            except ValueError as exc:
+                raise BundleError(f"{source}: anchors: {exc}") from None
         if not info.labels or len(set(info.labels)) != len(info.labels):
             raise BundleError(f"{source}: labels must be a non-empty list of unique names")
         return info

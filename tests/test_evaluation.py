@@ -68,6 +68,20 @@ def test_one_class_perfect_one_missed_averages_to_half():
     assert result.mAP == pytest.approx(0.5)
 
 
+def test_per_area_buckets_follow_coco_area_ranges():
+    """COCO's buckets by area in px²: small < 32², medium < 96², large. The small objects are missed,
+    the medium and large found: AP50 0 / 1 / 1; an empty bucket is None."""
+    small, medium, large = [0, 0, 20, 20], [100, 100, 160, 160], [200, 0, 320, 120]  # 400, 3600, 14400 px²
+    truth = [gt([small, medium, large, [0, 200, 25, 225]], [1, 1, 2, 2])]  # and another small one (625)
+    found = [pred([medium, large], [1, 2])]
+    result = evaluate_detections(truth, found, LABELS)
+    assert result.per_area == {"small": {"AP": 0.0, "AP50": 0.0, "gt": 2},
+                               "medium": {"AP": 1.0, "AP50": 1.0, "gt": 1},
+                               "large": {"AP": 1.0, "AP50": 1.0, "gt": 1}}
+    only_large = evaluate_detections([gt([large], [2])], [pred([large], [2])], LABELS)
+    assert only_large.per_area["small"] == {"AP": None, "AP50": None, "gt": 0}
+
+
 def test_labels_offset_by_one_score_zero():
     """Right boxes with the wrong class ids must not count: evaluation is per class."""
     swapped = [2 if c == 1 else 1 for c in CLASSES]

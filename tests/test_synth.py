@@ -114,6 +114,44 @@ def test_cli_writes_both_formats_and_prints_counts(tmp_path, capsys):
     assert "images: 4 (3 with objects)" in out
 
 
+def test_object_sizes_and_counts_per_label(tmp_path, capsys):
+    """--object-size LABEL=MIN-MAX: a circle of diameter d spans d (+1 rasterised) px unless an image
+    border cuts it, which leaves at least half of it."""
+    from trainer.data.readers import load_dataset
+
+    assert main(["synth", str(tmp_path), "--train", "6", "--val", "0", "--empty", "0", "--size", "256x192",
+                 "--object-size", "circle=6-10", "--object-size", "square=50-70", "--objects", "8-10",
+                 "--format", "cvat"]) == 0
+    data = load_dataset([tmp_path / "synth_cvat11.zip"], cache_dir=tmp_path / "cache")
+    sides = {label: [] for label in ("circle", "square", "triangle")}
+    for im in data.images:
+        for s in im.shapes:
+            sides[s.label].append((s.box[2] - s.box[0], s.box[3] - s.box[1]))
+    circles, squares = np.array(sides["circle"]), np.array(sides["square"])
+    assert len(circles) >= 6 and circles.max() <= 11 and np.median(circles.max(axis=1)) >= 6
+    assert squares.max() <= 71 and circles.min() >= 3 and squares.min() >= 25
+    assert np.median(np.array(sides["triangle"]).max(axis=1)) >= 15  # the default 15-60 px
+
+
+@pytest.mark.parametrize("flag", [["--object-size", "blob=5-9"], ["--object-size", "circle=9-5"],
+                                  ["--objects", "0-3"]])
+def test_bad_size_flags_are_refused(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", str(tmp_path), *flag])
+    assert "expected" in capsys.readouterr().err
+
+
+def test_sizes_larger_than_the_image_are_a_one_line_error(tmp_path, capsys):
+    assert main(["synth", str(tmp_path), "--size", "96x80", "--object-size", "circle=10-60"]) == 2
+    assert "object sizes must lie in 2..40 px" in capsys.readouterr().err
+
+
+def test_cli_and_generator_agree_on_the_labels():
+    from trainer.commands.synth import KINDS as CLI_KINDS
+
+    assert CLI_KINDS == KINDS
+
+
 def test_groups_are_written_to_coco_as_cvats_exporter_merges_them():
     """datumaro's find_instance_parts: the largest part (polygon shoelace 28 x 18 = 504 > box 200)
     gives the category; the bbox is the union of the group's boxes; polygons are the outline."""

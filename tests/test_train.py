@@ -48,6 +48,10 @@ def test_run_holds_the_bundle_reports_and_plots(learnt):
     assert 0.0 < info["threshold"] < 1.0
     assert set(info["class_thresholds"]) == {"circle", "square"}
     assert info["provenance"]["data"]["objects"] > 0 and info["provenance"]["epochs_run"] == 10
+    sizing = info["provenance"]["sizing"]  # what train chose and why, with the object sizes it saw
+    assert sizing["how"] == {"image_size": "given", "anchors": "fitted to the training boxes"}
+    assert info["anchors"] == sizing["anchors"] and len(info["anchors"]["sizes"]) == 3
+    assert set(sizing["objects"]) == {"circle", "square"} and info["min_size"] == 224
     for name in ("weights.pt", "labels.txt", "results.txt", "metrics.json", "history.csv",
                  "config.yaml"):
         assert (learnt / name).stat().st_size > 0, name

@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any
 
@@ -98,8 +98,9 @@ def parse_threshold(text: str) -> float:
 _UNSET = object()
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One flag per field of the dataclass ``cls`` (see :func:`trainer.data.options.option`).
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str, only: Collection[str] = ()) -> None:
+    """One flag per field of the dataclass ``cls`` (see :func:`trainer.data.options.option`), or of
+    the fields named in ``only`` (the others keep their defaults in :func:`read_options`).
 
     Defaults are left out of the parsed namespace (``SUPPRESS``) so that :func:`read_options`
     knows exactly which flags the user gave: those win over ``--config``, whatever their value.
@@ -107,6 +108,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if only and f.name not in only:
+            continue
         meta, kind = f.metadata, _base_type(hints[f.name])
         kwargs: dict[str, Any] = {"help": _help(f), "default": argparse.SUPPRESS}
         if meta.get("positional"):

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import XMLGenerator
@@ -101,8 +101,15 @@ def generate(
     shapes: str = "box",
     formats: Iterable[str] = FORMATS,
     zipped: bool = True,
+    object_sizes: Mapping[str, tuple[float, float]] | None = None,
+    objects: tuple[int, int] = (2, 7),
 ) -> dict[str, Path]:
-    """Write project exports of one synthetic project; returns {format: export path}."""
+    """Write project exports of one synthetic project; returns {format: export path}.
+
+    ``object_sizes`` maps a label to the range of its particles' diameters in pixels (default: 15 to
+    60 px, at most a third of the image); ``objects`` is the range of particles tried per image
+    (upper bound excluded; fewer when they do not fit without overlapping).
+    """
     formats = tuple(formats)
     if shapes not in SHAPE_MODES:
         raise ValueError(f"shapes must be one of {', '.join(SHAPE_MODES)}, got {shapes!r}")
@@ -110,8 +117,18 @@ def generate(
         raise ValueError(f"formats must be among {', '.join(FORMATS)}, got {sorted(unknown)}")
     if not labels or len(set(labels)) != len(labels):
         raise ValueError("labels must be a non-empty list of unique names")
+    object_sizes = dict(object_sizes or {})
+    if unknown := set(object_sizes) - set(labels):
+        raise ValueError(f"object_sizes names labels that are not generated: {sorted(unknown)}")
+    if any(not 2 <= lo <= hi <= min(size) / 2 for lo, hi in object_sizes.values()):
+        raise ValueError(f"object sizes must lie in 2..{min(size) / 2:g} px, got {object_sizes}")
+    default = (15.0, min(60.0, min(size) / 3))
+    ranges = {name: object_sizes.get(name, default) for name in labels}
+    if not 1 <= objects[0] < objects[1]:
+        raise ValueError(f"objects must be a range (low >= 1, high > low), got {objects}")
+    placing = {"ranges": ranges, "objects": objects}
     images = _make_images(
-        np.random.default_rng(seed), train, val, empty, size, list(labels), shapes
+        np.random.default_rng(seed), train, val, empty, size, list(labels), shapes, placing
     )
     writers = {"cvat": _cvat_files, "coco": _coco_files}
     out_dir = Path(out_dir)
@@ -125,13 +142,13 @@ def generate(
     return written
 
 
-def _make_images(rng, train, val, empty, size, labels, shapes) -> list[_Image]:
+def _make_images(rng, train, val, empty, size, labels, shapes, placing) -> list[_Image]:
     plan = [("Train", train, (empty + 1) // 2), ("Validation", val, empty // 2)]
     images, index = [], 0
     for task_id, (subset, annotated, blank) in enumerate(plan, start=1):
         for frame in range(annotated + blank):
             index += 1
-            particles = _place(rng, size, labels, shapes) if frame < annotated else []
+            particles = _place(rng, size, labels, shapes, **placing) if frame < annotated else []
             pixels = _render(rng, size, particles)
             anns = _annotate(rng, particles, size, shapes)
             images.append(
@@ -140,14 +157,14 @@ def _make_images(rng, train, val, empty, size, labels, shapes) -> list[_Image]:
     return images
 
 
-def _place(rng, size, labels, shapes) -> list[_Particle]:
+def _place(rng, size, labels, shapes, ranges, objects) -> list[_Particle]:
     """Non-overlapping particles, about one in five cut by an image border."""
     width, height = size
     particles: list[_Particle] = []
-    for _ in range(int(rng.integers(2, 7))):
+    for _ in range(int(rng.integers(*objects))):
         for _attempt in range(50):
             i = int(rng.integers(len(labels)))
-            s = float(rng.uniform(15, min(60, min(width, height) / 3)))
+            s = float(rng.uniform(*ranges[labels[i]]))
             if rng.random() < 0.2:  # touching a border; the centre stays inside
                 cx, cy = _border_position(rng, width, height, s)
             else:

@@ -49,6 +49,9 @@ class EvalResult:
     detections: int = 0
     #: The COCO summary lines (AP/AR by area range and detection budget), as COCOeval prints them.
     summary: list[str] = field(default_factory=list)
+    #: COCO's object size buckets (area in px² below 32², below 96², above) -> {"AP", "AP50", "gt"}
+    #: over all classes; APs are None for a bucket without ground truth.
+    per_area: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +106,24 @@ def evaluate_detections(
         images=len(gts),
         detections=len(dt_anns),
         summary=[line.strip() for line in lines if "Average" in line],
+        per_area=_per_area(evaluator, gt_anns),
     )
+
+
+def _per_area(evaluator: COCOeval_faster, gt_anns: list[dict]) -> dict[str, dict[str, Any]]:
+    """AP and AP50 of each of COCO's area ranges but "all", with their ground-truth counts."""
+    params, precision = evaluator.params, evaluator.eval["precision"]
+    iou50 = _iou_index(params.iouThrs, 0.5)
+    out = {}
+    for a, (name, (low, high)) in enumerate(zip(params.areaRngLbl, params.areaRng, strict=True)):
+        if name == "all":
+            continue
+        out[name] = {
+            "AP": _mean_ap(precision[:, :, :, a, -1]),
+            "AP50": _mean_ap(precision[iou50, :, :, a, -1]),
+            "gt": sum(1 for ann in gt_anns if low <= ann["area"] < high),
+        }
+    return out
 
 
 def _coco_annotations(

@@ -25,6 +25,32 @@ AMP_BOOLEANS = {"false": "off", "true": "auto"}
 SCHEDULERS = ("cosine", "step")
 
 
+def parse_image_size(text: str) -> int | str:
+    """"auto" or a shorter side in pixels (at least 32)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 32:
+        raise ValueError(f"expected auto or a shorter side of at least 32 pixels, got {text!r}")
+    return value
+
+
+def parse_anchors(text: str) -> str:
+    """"auto", "default", or sizes in pixels "16,32,64,128,256" (normalised text, ascending)."""
+    if text in ("auto", "default"):
+        return text
+    try:
+        sizes = [float(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) <= 0 or sizes != sorted(sizes):
+        raise ValueError(f"expected auto, default or ascending sizes in px such as 16,32,64, got {text!r}")
+    return ",".join(f"{v:g}" for v in sizes)
+
+
 def parse_device(text: str) -> str:
     if text not in ("auto", "cpu") and not text.startswith("cuda"):
         raise ValueError(f"expected auto, cpu or cuda[:N], got {text!r}")
@@ -44,8 +70,14 @@ class TrainConfig:
     epochs: int = option(50, "maximum epochs")
     patience: int = option(10, "stop after this many epochs without val mAP gain; 0 = never")
     batch_size: int = option(4, "images per GPU")
-    image_size: int | None = option(None, "shorter side the model resizes to (default: per architecture)")
-    max_size: int | None = option(None, "longer-side cap (default: per architecture)")
+    image_size: int | str = option(
+        "auto", "shorter side the model resizes to; auto: the frames' own (at most the architecture's "
+        "default), enlarged until the small objects are large enough to detect (see docs/sizes.md)",
+        parse=parse_image_size, metavar="auto|N")
+    max_size: int | None = option(None, "longer-side cap (default: the architecture's ratio to --image-size)")
+    anchors: str = option(
+        "auto", "anchor sizes: auto (fitted to the training boxes), default (torchvision's), or one size "
+        "per feature level in px, e.g. 16,32,64,128,256", parse=parse_anchors, metavar="auto|default|SIZES")
     scale_jitter: float = option(0.2, "train on shorter sides down to size*(1-J)")
     lr: float | None = option(None, "learning rate (default: 0.02 SGD / 1e-4 AdamW per 16 images)")
     optimizer: str = option("sgd", "optimizer", choices=OPTIMIZERS)
@@ -79,8 +111,11 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name}: expected a positive integer, got {value!r}")
-        if self.image_size is not None and self.image_size < 32:
-            raise UserError(f"image_size: expected at least 32 pixels, got {self.image_size}")
+        for name, parse in (("image_size", parse_image_size), ("anchors", parse_anchors)):
+            try:
+                parse(str(getattr(self, name)))
+            except ValueError as exc:
+                raise UserError(f"{name}: {exc}") from None
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"lr: expected a positive learning rate, got {self.lr}")
         if not 0 <= self.scale_jitter < 1:

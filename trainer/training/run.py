@@ -45,7 +45,7 @@ from trainer.data.splits import Split
 from trainer.evaluation import plots, report
 from trainer.evaluation.calibration import calibrate_thresholds
 from trainer.evaluation.metrics import evaluate_detections, record_target
-from trainer.training import checkpoint, distributed, weights
+from trainer.training import anchors, checkpoint, distributed, weights
 from trainer.training.config import TrainConfig
 from trainer.training.dataset import DetectionDataset, GroupedBatchSampler, collate
 from trainer.training.engine import Precision, predict, train_one_epoch
@@ -84,6 +84,7 @@ class Run:
     val_loader: DataLoader
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    sizing: anchors.Sizing  # input scale and anchors, chosen from the training boxes
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -117,6 +118,7 @@ def train(config: TrainConfig, data: DetectionData, split: Split) -> Path:
                 run.model, device_ids=[device.index] if device.type == "cuda" else None
             )
         if run.main:
+            print("\n" + anchors.format_sizing(run.sizing, with_input=False), flush=True)
             print(plan(run), flush=True)
         fit(run)
         distributed.barrier()  # rank 0 has written best.pt
@@ -170,11 +172,12 @@ def build(config: TrainConfig, data: DetectionData, split: Split, out: Path, ran
     seed_everything(config.seed)
     spec = get_architecture(config.arch)
     point = weights.resolve(config.weights, config.arch)
-    size = image_size(config, spec)
+    sizing = choose_sizing(config, spec, data, split, point)
+    size = sizing.image_size
     sizes = train_size_range(size, config.scale_jitter)
     model = weights.build_from(
         point, config.arch, data.labels,
-        min_size=sizes if len(sizes) > 1 else size, max_size=config.max_size,
+        min_size=sizes if len(sizes) > 1 else size, max_size=sizing.max_size, anchors=sizing.anchors,
         detections_per_img=config.detections_per_img,
         trainable_backbone_layers=config.trainable_backbone_layers,
         **spec.training_options(config.roi_batch_size),
@@ -182,12 +185,33 @@ def build(config: TrainConfig, data: DetectionData, split: Split, out: Path, ran
     loaders = _loaders(config, data, split, spec, rank, world, device)
     optimizer = make_optimizer(config, model, world)
     scheduler = make_scheduler(config, optimizer, len(loaders["train_loader"]))
-    return Run(config, data, split, out, rank, world, device, spec, point, model,
-               Precision(device, config.amp), optimizer=optimizer, scheduler=scheduler, **loaders)
+    precision = Precision(device, config.amp)
+    return Run(config, data, split, out, rank, world, device, spec, point, model, precision,
+               optimizer=optimizer, scheduler=scheduler, sizing=sizing, **loaders)
 
 
-def image_size(config: TrainConfig, spec: Architecture) -> int:
-    return config.image_size or spec.min_size
+def choose_sizing(config: TrainConfig, spec: Architecture, data: DetectionData, split: Split,
+                  point: weights.StartingPoint) -> anchors.Sizing:
+    """Input scale and anchors: --resume keeps the checkpoint's, retraining keeps the parent run's
+    where the options say auto, otherwise they are chosen from the training boxes."""
+    train_records, labels = split["train"], data.labels
+    if config.resume:
+        recorded = checkpoint.load(Path(config.out) / LAST_CHECKPOINT).get("sizing")
+        return anchors.choose(spec, train_records, labels, inherited=recorded or _legacy_sizing(config, spec),
+                              source="the checkpoint")
+    inherited = None
+    if point.parent is not None:
+        size = point.parent.min_size or spec.min_size
+        inherited = {"image_size": size, "max_size": point.parent.max_size or max(spec.max_size, size),
+                     "anchors": point.parent.anchors}
+    return anchors.choose(spec, train_records, labels, image_size=config.image_size, max_size=config.max_size,
+                          anchors=config.anchors, inherited=inherited, source="the parent run")
+
+
+def _legacy_sizing(config: TrainConfig, spec: Architecture) -> dict[str, Any]:
+    """What a checkpoint written before sizes were recorded was trained with."""
+    size = config.image_size if isinstance(config.image_size, int) else spec.min_size
+    return {"image_size": size, "max_size": config.max_size or max(spec.max_size, size), "anchors": None}
 
 
 def _loaders(config: TrainConfig, data: DetectionData, split: Split, spec: Architecture, rank: int,
@@ -260,7 +284,7 @@ def save_checkpoint(run: Run) -> None:
         "scheduler": run.scheduler.state_dict(), "scaler": run.precision.scaler.state_dict(),
         "epoch": run.progress.next_epoch - 1, "best_map": run.progress.best_map,
         "best_epoch": run.progress.best_epoch, "history": run.progress.history,
-        "rng": checkpoint.rng_state(), "labels": run.data.labels,
+        "rng": checkpoint.rng_state(), "labels": run.data.labels, "sizing": run.sizing.recorded(),
     }
     checkpoint.save(run.out / LAST_CHECKPOINT, state)
 
@@ -374,7 +398,7 @@ def bundle_info(run: Run) -> BundleInfo:
     config = run.config
     return BundleInfo(
         architecture=config.arch, labels=list(run.data.labels), shape_type=run.spec.shape_type,
-        min_size=image_size(config, run.spec), max_size=config.max_size,
+        min_size=run.sizing.image_size, max_size=run.sizing.max_size, anchors=run.sizing.anchors,
         detections_per_img=config.detections_per_img, tile_size=config.tile_size,
         provenance=provenance(run),
     )
@@ -386,6 +410,7 @@ def provenance(run: Run) -> dict[str, Any]:
         "data": run.data.summary(),
         "split": run.split.counts(),
         "split_options": run.split.options.to_dict(),
+        "sizing": run.sizing.to_dict(),
         "weights": {"kind": run.point.kind, "source": run.point.source},
         "parent_run": run.point.source if run.point.kind == "run" else None,
         "epochs_run": len(run.progress.history), "best_epoch": run.progress.best_epoch + 1,
@@ -420,7 +445,7 @@ def plan(run: Run) -> str:
     return (
         f"training {c.arch} ({run.point.kind} weights) on {devices}: "
         f"{len(run.train_set)} train / {len(run.val_set)} val images, {len(run.data.labels)} labels, "
-        f"shorter side {image_size(c, run.spec)}, batch {c.batch_size}, up to {c.epochs} epochs, "
+        f"{anchors.describe_input(run.sizing)}, batch {c.batch_size}, up to {c.epochs} epochs, "
         f"precision {run.precision.choice} -> {run.out}"
     )
 

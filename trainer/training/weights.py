@@ -17,7 +17,7 @@ import torch
 import torchvision.models as tvm
 
 from serverless.architectures import build_model, get_architecture
-from serverless.bundle import MODEL_JSON, WEIGHTS, load_info
+from serverless.bundle import MODEL_JSON, WEIGHTS, BundleInfo, load_info
 from serverless.errors import UserError
 
 
@@ -30,6 +30,7 @@ class StartingPoint:
     build_kwargs: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
     parent_labels: list[str] | None = None
+    parent: BundleInfo | None = None  # the previous run's description when retraining one
 
 
 def resolve(weights: str, arch: str) -> StartingPoint:
@@ -51,7 +52,8 @@ def resolve(weights: str, arch: str) -> StartingPoint:
                 f"pass --arch {info.architecture} to retrain it"
             )
         state = _load_state(path / WEIGHTS)
-        return StartingPoint("run", str(path.resolve()), state_dict=state, parent_labels=info.labels)
+        return StartingPoint("run", str(path.resolve()), state_dict=state, parent_labels=info.labels,
+                             parent=info)
     if path.is_file():
         return StartingPoint("file", str(path.resolve()), state_dict=_load_state(path))
     raise UserError(
