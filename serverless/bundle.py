@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serverless.architectures import build_model, get_architecture
+from serverless.architectures import build_model, get_architecture, infer_structure
 from serverless.errors import BundleError
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ METRICS_JSON = "metrics.json"
 HISTORY_CSV = "history.csv"
 CONFIG_YAML = "config.yaml"
 PLOTS = "plots"
+#: The run's images by role (identities of train, val and test images): what evaluate and a
+#: retraining read to stay off the images the model was trained on.
+SPLIT_JSON = "split.json"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
 BUNDLE_FILES = (MODEL_JSON, WEIGHTS, LABELS_TXT)
@@ -52,6 +55,9 @@ class BundleInfo:
     detections_per_img: int = 300
     tile_size: int | None = None  # sliced inference for large frames when set
     tile_overlap: int = 128
+    #: How the network is shaped beyond its name (architectures.Architecture.structure: norm
+    #: layers, trainable backbone layers, SSDlite's tail); {} in bundles older than the field.
+    structure: dict[str, Any] = field(default_factory=dict)
     threshold: float = 0.5  # default score threshold (max F1 on validation)
     class_thresholds: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +73,7 @@ class BundleInfo:
             min_size=self.min_size,
             max_size=self.max_size,
             detections_per_img=self.detections_per_img,
+            structure=self.structure,
         )
 
     def to_json(self) -> str:
@@ -106,13 +113,15 @@ def load_model(
 ) -> tuple[BundleInfo, torch.nn.Module]:
     """Rebuild the network and load its weights without unpickling code; eval mode on ``device``."""
     info = load_info(bundle_dir)
-    model = info.build()
     path = Path(bundle_dir) / WEIGHTS
     if not path.exists():
         raise BundleError(f"{bundle_dir}: no {WEIGHTS}")
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not info.structure:
+        info.structure = infer_structure(info.architecture, state)
+    model = info.build()
     model.load_state_dict(state)
     return info, model.eval().to(device)
 

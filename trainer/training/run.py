@@ -169,14 +169,13 @@ def build(config: TrainConfig, data: DetectionData, split: Split, out: Path, ran
     """Model, data loaders, optimizer and schedule of a run, seeded."""
     seed_everything(config.seed)
     spec = get_architecture(config.arch)
-    point = weights.resolve(config.weights, config.arch)
+    point = weights.resolve(config.weights, config.arch, config.trainable_backbone_layers)
     size = image_size(config, spec)
     sizes = train_size_range(size, config.scale_jitter)
     model = weights.build_from(
         point, config.arch, data.labels,
         min_size=sizes if len(sizes) > 1 else size, max_size=config.max_size,
         detections_per_img=config.detections_per_img,
-        trainable_backbone_layers=config.trainable_backbone_layers,
         **spec.training_options(config.roi_batch_size),
     ).to(device)
     loaders = _loaders(config, data, split, spec, rank, world, device)
@@ -374,7 +373,7 @@ def bundle_info(run: Run) -> BundleInfo:
         architecture=config.arch, labels=list(run.data.labels), shape_type=run.spec.shape_type,
         min_size=image_size(config, run.spec), max_size=config.max_size,
         detections_per_img=config.detections_per_img, tile_size=config.tile_size,
-        provenance=provenance(run),
+        structure=dict(run.point.structure), provenance=provenance(run),
     )
 
 
