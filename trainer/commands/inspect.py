@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.commands import read_options
     from trainer.data.options import load_from_args, split_from_args
     from trainer.data.readers import format_summary
+    from trainer.data.readers.labels import unvalidated_note
 
     options = read_options(DataOptions, args)
     data = load_from_args(options, require_images=False)
@@ -38,5 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
+        if note := unvalidated_note(data.skipped, options.unvalidated_suffix):
+            print(f"\n{note}")
         print("\nsplit: " + ", ".join(f"{k} {v}" for k, v in summary["split"].items()))
     return 0

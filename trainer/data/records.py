@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,6 +100,8 @@ class DetectionData:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     sources: list[str] = field(default_factory=list)
     notes: Counter = field(default_factory=Counter)  # kept but changed (e.g. rotated -> envelope)
+    #: Where a server's annotations came from and when they were read (never credentials).
+    server: dict[str, Any] | None = None
 
     def subset(self, name: str) -> list[ImageRecord]:
         return [im for im in self.images if im.subset.lower() == name.lower()]
@@ -116,4 +119,5 @@ class DetectionData:
             "skipped": dict(self.skipped),
             "notes": dict(self.notes),
             "sources": list(self.sources),
+            **({"server": dict(self.server)} if self.server else {}),
         }

@@ -15,7 +15,7 @@ from trainer.data.readers.archive import default_cache_dir, open_export
 from trainer.data.readers.cvat_xml import read_cvat_xml
 from trainer.data.readers.detect import detect
 from trainer.data.readers.images import resolve_images
-from trainer.data.readers.labels import label_mapping, select
+from trainer.data.readers.labels import drop_unvalidated, label_mapping, merge_unvalidated, select
 from trainer.data.readers.parsed import ParsedExport, gc_paused
 from trainer.data.readers.summary import format_summary
 from trainer.data.records import DetectionData
@@ -44,23 +44,32 @@ def load_dataset(
     keep_empty: bool = False,
     skip_missing: bool = False,
     cache_dir: str | Path | None = None,
+    unvalidated_suffix: str = "",
+    include_unvalidated: bool = False,
 ) -> DetectionData:
     """Read and merge ``sources`` into one dataset (images keyed by (subset, name)).
 
     ``labels`` keeps only those labels, ``merge`` {"NEW": ["A", "B"]} renames; images without
     objects are dropped unless ``keep_empty``; missing image files are an error unless
     ``skip_missing``. Zips are extracted once into ``cache_dir`` (default: see
-    :func:`default_cache_dir`).
+    :func:`default_cache_dir`). Labels ending in ``unvalidated_suffix`` hold unvalidated
+    pre-annotations: left out with the images holding them, or with ``include_unvalidated`` read as
+    their label without the suffix (:mod:`trainer.data.readers.labels`).
     """
     if not sources:
         raise UserError("no data given: name at least one CVAT export (zip or folder)")
     with gc_paused():
         exports = [read_export(s, cache_dir) for s in sources]
         _check_unique(exports)
+        if unvalidated_suffix and not include_unvalidated:
+            for export in exports:
+                drop_unvalidated(export, unvalidated_suffix)
         known: list[str] = []
         for export in exports:
             shape_labels = (s.label for im in export.images for s in im.shapes)
             known += [n for n in dict.fromkeys([*export.labels, *shape_labels]) if n not in known]
+        if unvalidated_suffix and include_unvalidated:
+            merge = merge_unvalidated(known, merge, unvalidated_suffix)
         order, mapping = label_mapping(known, labels, merge)
         data = DetectionData(labels=order, images=[], sources=[e.source for e in exports])
         for export in exports:

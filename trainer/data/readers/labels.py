@@ -1,9 +1,22 @@
-"""Label selection and renaming, by name, applied the same way to every source."""
+"""Label selection and renaming, by name, applied the same way to every source.
+
+Pre-annotations that ``predict --nv`` wrote (labels ending in a suffix, "_NV") are model output
+nobody validated yet. By default they are left out, and so is every image still holding one: its
+validation is unfinished, and training on its other objects alone would teach that the objects
+under the pre-annotations are background. Included, they count as their label without the suffix.
+"""
 
 from __future__ import annotations
 
 from serverless.errors import UserError
-from trainer.data.readers.parsed import NOT_SELECTED, UNANNOTATED, UNSELECTED, ParsedExport
+from trainer.data.readers.parsed import (
+    NOT_SELECTED,
+    UNANNOTATED,
+    UNFINISHED,
+    UNSELECTED,
+    UNVALIDATED,
+    ParsedExport,
+)
 from trainer.data.records import ImageRecord
 
 
@@ -65,3 +78,39 @@ def _relabel(shapes: list, mapping: dict[str, str | None], export: ParsedExport)
             shape.label = new
             kept.append(shape)
     return kept
+
+
+def drop_unvalidated(export: ParsedExport, suffix: str) -> None:
+    """Leave out shapes whose label ends in ``suffix``, the images holding them and the labels."""
+    kept: list[ImageRecord] = []
+    for im in export.images:
+        unvalidated = sum(1 for s in im.shapes if s.label.endswith(suffix))
+        if unvalidated:
+            export.skipped[UNVALIDATED.format(suffix=suffix)] += unvalidated
+            export.skipped[UNFINISHED] += 1
+        else:
+            kept.append(im)
+    export.images = kept
+    export.labels = [name for name in export.labels if not name.endswith(suffix)]
+
+
+def merge_unvalidated(
+    known: list[str], merge: dict[str, list[str]] | None, suffix: str
+) -> dict[str, list[str]]:
+    """``merge`` extended so that every "X<suffix>" label counts as X (or as what X merges into)."""
+    merged = {new: list(olds) for new, olds in (merge or {}).items()}
+    for name in known:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            base = name[: -len(suffix)]
+            target = next((new for new, olds in merged.items() if base in olds), base)
+            merged.setdefault(target, []).append(name)
+    return merged
+
+
+def unvalidated_note(skipped: dict[str, int], suffix: str) -> str | None:
+    """One line saying how many unvalidated pre-annotations were left out, or None."""
+    shapes, images = skipped.get(UNVALIDATED.format(suffix=suffix), 0), skipped.get(UNFINISHED, 0)
+    if not shapes:
+        return None
+    return (f"left out {shapes} unvalidated pre-annotation(s) (labels ending in {suffix}) and the "
+            f"{images} image(s) holding them; --include-unvalidated uses them")
