@@ -135,3 +135,18 @@ def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_message(tmp_path
     point = resolve("coco", "fasterrcnn_mobilenet_v3_large_fpn")
     with pytest.raises(UserError, match=r"could not load coco weights .*--weights none"):
         build_from(point, "fasterrcnn_mobilenet_v3_large_fpn", ["a"], min_size=128)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("trainable_backbone_layers: abc\n", "trainable_backbone_layers: expected an integer, got 'abc'"),
+     ("val_fraction: [1, 2]\n", "val_fraction: expected a number, got '1,2'"),
+     ("include_unvalidated: perhaps\n", "include_unvalidated: expected true or false"),
+     ("trainable_backbone_layers: 6\n", "trainable_backbone_layers: expected 0 to 5 for fasterrcnn_res")],
+)  # fmt: skip
+def test_a_wrong_value_in_a_config_is_one_line_naming_the_key(tmp_path, text, message):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(text)
+    with pytest.raises(UserError, match=message) as caught:
+        train_options(build_parser().parse_args(["train", "--config", str(cfg)]))
+    assert "\n" not in str(caught.value)
