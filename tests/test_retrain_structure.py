@@ -5,7 +5,7 @@ URLs answer state dicts of the right shapes): its normalisation layers (FrozenBa
 older builders, BatchNorm2d in the ``_v2`` ones), its frozen backbone layers, SSDlite's tail. A
 parent trained from coco, imagenet or none, retrained with ``--weights RUN``, must come out with the
 same module types and the same ``requires_grad`` per parameter; the function must rebuild the
-network the bundle's weights belong to.
+network the bundle's weights belong to. Every model reports detections down to one score floor.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torchvision.models import get_model, get_model_weights
 
-from serverless.architectures import ARCHITECTURES
+from serverless.architectures import ARCHITECTURES, SCORE_FLOOR
 from serverless.bundle import BundleInfo, load_model, save_bundle
 from trainer.training.weights import build_from, resolve
 
@@ -90,6 +90,8 @@ def test_a_retrain_has_the_first_fine_tunes_layers_for_every_parent(
         want_modules, want_grads = references["imagenet" if start == "imagenet" else "coco"]
         assert modules == want_modules, f"{start} parent: module types differ"
         assert grads == want_grads, f"{start} parent: frozen parameters differ"
+        for model in (parent, child):  # torchvision's floors are 0.2 (FCOS) to 0.001 (SSDlite)
+            assert getattr(model, "roi_heads", model).score_thresh == SCORE_FLOOR == 0.001
 
 
 @pytest.mark.parametrize("arch", ["fasterrcnn_mobilenet_v3_large_fpn", "fcos_resnet50_fpn"])

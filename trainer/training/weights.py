@@ -85,7 +85,7 @@ def _parent_record(path: Path, info: BundleInfo) -> dict[str, Any]:
         "created": saved.get("created"),
         "weights": saved.get("weights", {}).get("kind"),
         "sources": saved.get("data", {}).get("sources"),
-        "server": saved.get("server"),
+        "server": saved.get("data", {}).get("server"),
         "parent": saved.get("parent"),
     }
 
