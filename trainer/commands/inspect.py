@@ -1,21 +1,27 @@
-"""Show what training would see in CVAT exports: images per subset, objects per label, skips.
+"""Show what training would see in CVAT exports, or what a trained run saw.
 
 Reads the exports exactly as `train` does (same options), without touching a model, so label
-names, subsets and skipped shapes can be checked before spending hours on training.
+names, subsets, skipped shapes (including unvalidated "_NV" pre-annotations) and the split can be
+checked before spending hours on training. Given a run directory instead, it tells which
+annotations the model saw: the exports or the CVAT server (project/tasks, when they were read),
+what it started from, its parent runs, its split and what was left out.
 
 examples:
   python -m trainer inspect bccd_cvat11.zip
   python -m trainer inspect export1.zip export2.zip --labels RBC,WBC --json
+  python -m trainer inspect --server https://cvat.example.org --project 12
+  python -m trainer inspect runs/bccd-v2
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from trainer.commands import add_options
 from trainer.data.options import DataOptions
 
-HELP = "summarise CVAT exports (images, objects per label, skipped shapes)"
+HELP = "summarise CVAT exports (images, objects per label, skipped shapes) or a trained run"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
+    from serverless.bundle import MODEL_JSON
     from trainer.commands import read_options
     from trainer.data.options import load_from_args, split_from_args
     from trainer.data.readers import format_summary
     from trainer.data.readers.labels import unvalidated_note
 
     options = read_options(DataOptions, args)
+    runs = [d for d in options.data if (Path(d) / MODEL_JSON).is_file()]
+    for run_dir in runs:
+        print(json.dumps(_run_summary(run_dir), indent=2) if args.json else _format_run(run_dir))
+    options = replace(options, data=[d for d in options.data if d not in runs])
+    if runs and not (options.data or options.server):
+        return 0
     data = load_from_args(options, require_images=False)
     summary = data.summary()
     summary["split"] = split_from_args(options, data).counts()
@@ -43,3 +57,36 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{note}")
         print("\nsplit: " + ", ".join(f"{k} {v}" for k, v in summary["split"].items()))
     return 0
+
+
+def _run_summary(run_dir: str) -> dict:
+    from serverless.bundle import load_info
+
+    info = load_info(run_dir)
+    return {"run": run_dir, "architecture": info.architecture, "labels": info.labels,
+            "structure": info.structure, "threshold": info.threshold,
+            "class_thresholds": info.class_thresholds, "provenance": info.provenance}
+
+
+def _format_run(run_dir: str) -> str:
+    from serverless.bundle import SPLIT_JSON, load_info
+    from trainer.data.splits import read_split
+    from trainer.evaluation.report import bundle_thresholds, provenance_lines
+
+    info = load_info(run_dir)
+    validation = info.metrics.get("validation") or {}
+    lines = [f"{run_dir}: {info.architecture}, labels {', '.join(info.labels)}",
+             *provenance_lines(info.provenance), f"  thresholds: {bundle_thresholds(info)}"]
+    skipped = info.provenance.get("data", {}).get("skipped", {})
+    if skipped:
+        lines.append("  left out: " + ", ".join(f"{n} x {reason}" for reason, n in skipped.items()))
+    recorded = read_split(run_dir)
+    if recorded is None:
+        lines.append(f"  split: not recorded (no {SPLIT_JSON}: an older run)")
+    else:
+        counts = ", ".join(f"{role} {len(ids)}" for role, ids in recorded.roles.items())
+        lines.append(f"  split: {counts} ({SPLIT_JSON})")
+    if validation:
+        lines.append(f"  validation: mAP {validation['mAP']:.3f}, mAP50 {validation['mAP50']:.3f}")
+    lines += [f"  note: {note}" for note in info.metrics.get("notes", [])]
+    return "\n".join(lines)
