@@ -52,7 +52,7 @@ def lambda_listing(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_function_config(config: dict[str, Any], labels: list[str], shape: str, gpu: bool) -> None:
-    """Every field CVAT and Nuclio rely on, as DESIGN.md's contract states it."""
+    """Every field CVAT and Nuclio rely on, as docs/design.md's contract states it."""
     meta = config["metadata"]
     assert re.fullmatch(r"[a-z][a-z0-9-]*[a-z0-9]", meta["name"]) and len(meta["name"]) <= 56
     annotations = meta["annotations"]

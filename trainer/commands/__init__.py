@@ -68,6 +68,28 @@ def crop_main() -> int:
 
 # ---------------------------------------------------------------- options defined once
 
+
+def add_model_options(group: Any, *, threshold: bool = True) -> None:
+    """--device and --threshold of every command that runs a trained model."""
+    from trainer.training.config import parse_device
+
+    group.add_argument("--device", default="auto", type=partial(_as_argparse_type, parse=parse_device),
+                       help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)")
+    if threshold:
+        group.add_argument("--threshold", type=partial(_as_argparse_type, parse=parse_threshold),
+                           help="score threshold for every label (default: the model's calibrated ones)")
+
+
+def parse_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a score between 0 and 1, got {text!r}")
+    return value
+
+
 _UNSET = object()
 
 

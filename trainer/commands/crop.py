@@ -54,7 +54,7 @@ def _workers(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.commands import add_options
+    from trainer.commands import add_model_options, add_options
     from trainer.data.options import DataOptions
 
     add_options(parser, DataOptions, "data")
@@ -62,10 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     det = parser.add_argument_group("crops of a model's detections (instead of DATA)")
     det.add_argument("--model", metavar="RUN", help="trained model (a run / bundle folder)")
     det.add_argument("--images", metavar="DIR", help="folder of images (searched recursively)")
-    det.add_argument(
-        "--threshold", type=float, help="score threshold (default: the model's calibrated ones)"
-    )
-    det.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_model_options(det)
     geo = parser.add_argument_group("what is cut")
     pad = geo.add_mutually_exclusive_group()
     pad.add_argument(

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.commands import add_options
+from trainer.commands import add_model_options, add_options
 from trainer.data.options import DataOptions
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["bbox", "segm"],
         help="compare boxes, or masks of a mask model (default: %(default)s)",
     )
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
+    add_model_options(g, threshold=False)
     g.add_argument(
         "--out", help="folder for results.txt, metrics.json, plots (default: RUN/eval-SUBSET)"
     )
@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     _check_labels(records, info.labels)
     detector = Detector(args.run, device=str(device))
-    gts, preds = predict_records(detector, records, masks=args.iou_type == "segm")
+    gts, preds = predict_records(
+        detector, records, masks=args.iou_type == "segm", max_pixels=data.max_pixels
+    )
     result = evaluate_detections(
         gts, preds, info.labels, max_dets=max(300, info.detections_per_img), iou_type=args.iou_type
     )
@@ -139,7 +141,7 @@ def _recorded_validation(
              f"{len(wanted - here)} missing from it"]
     if new:
         try:
-            roles = split_data(data, recorded.options, recorded)
+            roles = split_data(data, recorded.options, recorded, require_train=False)
             ids = {role: {im.identity for im in images} for role, images in roles.items()}
             given = ", ".join(f"{role} {sum(im.identity in ids[role] for im in new)}" for role in ids)
         except UserError:
@@ -165,7 +167,7 @@ def _recomputed_validation(
     saved = provenance.get("split_options", {})
     options = SplitOptions.from_dict({"seed": provenance.get("config", {}).get("seed", 0), **saved})
     try:
-        records = split_data(data, options)["val"]
+        records = split_data(data, options, require_train=False)["val"]
     except UserError as exc:
         raise UserError(f"{exc} (or choose the images with --subset NAME|all)") from exc
     if not records:

@@ -1,10 +1,12 @@
 """Show what training would see in CVAT exports, or what a trained run saw.
 
-Reads the exports exactly as `train` does (same options), without touching a model, so label
-names, subsets, skipped shapes (including unvalidated "_NV" pre-annotations) and the split can be
-checked before spending hours on training. Given a run directory instead, it tells which
-annotations the model saw: the exports or the CVAT server (project/tasks, when they were read),
-what it started from, its parent runs, its split and what was left out.
+Reads the exports exactly as `train` does (same options), without touching a model or decoding an
+image (sizes come from file headers), so label names, subsets, skipped shapes (including
+unvalidated "_NV" pre-annotations) and the split can be checked before spending hours on training.
+Labels that are no class (tag and skeleton labels, labels with no object) are listed with the
+reason; an export without training images is summarised too. Given a run directory instead, it
+tells which annotations the model saw: the exports or the CVAT server (project/tasks, when they
+were read), what it started from, its parent runs, its split and what was left out.
 
 examples:
   python -m trainer inspect bccd_cvat11.zip
@@ -34,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from serverless.bundle import MODEL_JSON
+    from serverless.imageio import pixel_limit
     from trainer.commands import read_options
-    from trainer.data.options import load_from_args, split_from_args
+    from trainer.data.options import largest_image, load_from_args, split_from_args
     from trainer.data.readers import format_summary
     from trainer.data.readers.labels import unvalidated_note
 
@@ -48,14 +51,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data = load_from_args(options, require_images=False)
     summary = data.summary()
-    summary["split"] = split_from_args(options, data).counts()
+    summary["split"] = split_from_args(options, data, require_train=False).counts()
+    huge, limit = largest_image(data), pixel_limit(data.max_pixels)
+    summary["largest_image"] = {"image": huge.identity, "width": huge.width, "height": huge.height}
+    summary["max_pixels"] = limit
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        print(format_summary(summary))
-        if note := unvalidated_note(data.skipped, options.unvalidated_suffix):
-            print(f"\n{note}")
-        print("\nsplit: " + ", ".join(f"{k} {v}" for k, v in summary["split"].items()))
+        return 0
+    print(format_summary(summary))
+    if note := unvalidated_note(data.skipped, options.unvalidated_suffix):
+        print(f"\n{note}")
+    pixels = huge.width * huge.height
+    over = f", over the limit of {limit}: raise it with --max-pixels {pixels}" if pixels > limit else ""
+    print(f"\nlargest image: {huge.identity}, {huge.width}x{huge.height} = {pixels} pixels{over}")
+    print("split: " + ", ".join(f"{k} {v}" for k, v in summary["split"].items()))
+    if not summary["split"]["train"]:
+        print("  no training images: evaluate and crop can use this data; train needs a subset with the "
+              "train role (Train, or --subset-map NAME=train)")
     return 0
 
 

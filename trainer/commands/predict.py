@@ -23,19 +23,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trainer.commands import add_model_options
 from trainer.data.options import UNVALIDATED_SUFFIX
 
 HELP = "detect objects in a folder of images, or pre-annotate CVAT tasks"
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a score between 0 and 1, got {text!r}")
-    return value
 
 
 def _ids(text: str) -> list[int]:
@@ -53,10 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--images", metavar="DIR", type=Path, help="folder of images (recursive)")
     target.add_argument("--server", metavar="URL", help="CVAT server to pre-annotate tasks on")
-    parser.add_argument(
-        "--threshold", type=_threshold, help="score threshold (default: the bundle's)"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_model_options(parser)
 
     folder = parser.add_argument_group("folder (--images)")
     folder.add_argument(

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from serverless.errors import UserError
 
 if TYPE_CHECKING:
-    from trainer.data.records import DetectionData
+    from trainer.data.records import DetectionData, ImageRecord
     from trainer.data.splits import RecordedSplit, Split, SplitOptions
 
 ROLES = ("train", "val", "test")
@@ -41,6 +41,22 @@ def parse_ids(text: str) -> list[int]:
     if not ids or min(ids) < 1:
         raise ValueError(f"expected ids like 15,16, got {text!r}")
     return ids
+
+
+def parse_pixels(text: str) -> int:
+    """"300000000", "300e6" or "300M" -> 300000000 (a positive number of pixels)."""
+    number, scale = text.strip().upper(), 1
+    for suffix in ("MP", "M"):
+        if number.endswith(suffix):
+            number, scale = number[: -len(suffix)], 1_000_000
+            break
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = 0.0
+    if not 1 <= value < 2**63:
+        raise ValueError(f"expected a number of pixels like 300000000 or 300M, got {text!r}")
+    return int(value)
 
 
 def parse_merge(text: str) -> tuple[str, list[str]]:
@@ -103,6 +119,9 @@ class DataOptions:
         "in the environment)", metavar="URL")
     project: int | None = option(None, "CVAT project to download", metavar="ID")
     tasks: list[int] | None = option(None, "CVAT tasks to download", parse=parse_ids, metavar="ID,ID")
+    max_pixels: int | None = option(
+        None, "largest image accepted, in pixels, e.g. 900M for whole slides (default: "
+        "$CVAT_DETECTOR_MAX_PIXELS, else 268435456 = 16384x16384)", parse=parse_pixels, metavar="N")
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -115,6 +134,7 @@ def load_from_args(options: DataOptions, *, require_images: bool = True) -> Dete
     ``require_images`` refuses exports without image files (training needs pixels; ``inspect``
     does not).
     """
+    from serverless.imageio import over_limit_message, pixel_limit
     from trainer.data.readers import default_cache_dir, load_dataset
 
     sources = list(options.data)
@@ -147,7 +167,16 @@ def load_from_args(options: DataOptions, *, require_images: bool = True) -> Dete
     if require_images and (without := [im for im in data.images if im.path is None]):
         raise UserError(
             f"{len(without)} images have no image file (the export holds annotations only, "
-            f"e.g. {without[0].subset}/{without[0].name}); export with images, or pass --images-dir"
+            f"e.g. {without[0].identity}); export with images, or pass --images-dir"
+        )
+    try:
+        data.max_pixels = pixel_limit(options.max_pixels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    huge = largest_image(data)
+    if require_images and huge is not None and huge.width * huge.height > data.max_pixels:
+        raise UserError(
+            over_limit_message(f"image {huge.identity}", huge.width, huge.height, data.max_pixels)
         )
     return data
 
@@ -169,15 +198,22 @@ def server_provenance(options: DataOptions, read_at: str, exports: list[str]) ->
             "exports": exports}
 
 
+def largest_image(data: DetectionData) -> ImageRecord | None:
+    """The image with the most pixels (sizes come from the annotations, checked against the files'
+    headers, so nothing is decoded)."""
+    return max(data.images, key=lambda im: im.width * im.height, default=None)
+
+
 def split_from_args(
     options: DataOptions, data: DetectionData, seed: int = 0, parent: RecordedSplit | None = None,
-    parent_run: str | None = None,
+    parent_run: str | None = None, *, require_train: bool = True,
 ) -> Split:
     """Train/val/test lists following --subset-map, a parent run's recorded roles, the subsets
     and --val-fraction (:func:`trainer.data.splits.split_data`)."""
     from trainer.data.splits import split_data
 
-    return split_data(data, split_options(options, seed, parent_run if parent else None), parent)
+    options_ = split_options(options, seed, parent_run if parent else None)
+    return split_data(data, options_, parent, require_train=require_train)
 
 
 def split_options(options: DataOptions, seed: int = 0, parent: str | None = None) -> SplitOptions:

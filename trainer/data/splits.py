@@ -103,10 +103,14 @@ class Split(Mapping):
         return {role: len(images) for role, images in self._roles.items()}
 
 
-def split_data(data: DetectionData, options: SplitOptions, parent: RecordedSplit | None = None) -> Split:
+def split_data(
+    data: DetectionData, options: SplitOptions, parent: RecordedSplit | None = None, *,
+    require_train: bool = True,
+) -> Split:
     """Each image's role, first rule that applies: --subset-map, the ``parent`` run's recorded
     role, the CVAT subset's name (Train/Validation/Test), the hash (:func:`hash_role`; also for
-    train subsets when no subset says val or test). An error when nothing is left to train on."""
+    train subsets when no subset says val or test). No training image is an error only with
+    ``require_train`` (training needs them; a validation-only export is fine to inspect or evaluate)."""
     _check_fractions(options.val_fraction, options.test_fraction)
     mapped = _roles(options.subset_map)
     subsets = {im.subset.casefold() for im in data.images}
@@ -125,7 +129,7 @@ def split_data(data: DetectionData, options: SplitOptions, parent: RecordedSplit
             if role == "train":
                 role = hash_role(im.identity, options, test="test" not in said, val="val" not in said)
         roles[role].append(im)
-    if not roles["train"]:
+    if not roles["train"] and require_train:
         raise UserError(
             f"no training images: all {len(data.images)} images are in validation or test "
             "(subsets, --val-fraction or the parent run's roles); map a subset to train with "
@@ -151,16 +155,18 @@ def split_dataset(
     test_fraction: float = 0.0,
     seed: int = 0,
     subset_map: dict[str, str] | None = None,
+    require_train: bool = True,
 ) -> dict[str, list[ImageRecord]]:
     """{"train", "val", "test"} image lists (:func:`split_data` without a parent).
 
     Subsets Train/Validation/Test (also val, valid; any case) and those named in ``subset_map``
     give their images a role; images of other subsets (e.g. "default") count as train. When no
     subset says val, about ``val_fraction`` of the train images become val (by hash); when none
-    says test, about ``test_fraction`` of them become test.
+    says test, about ``test_fraction`` of them become test. No training image is an error only
+    with ``require_train``.
     """
     options = SplitOptions(val_fraction, test_fraction, seed, dict(subset_map or {}))
-    return dict(split_data(data, options))
+    return dict(split_data(data, options, require_train=require_train))
 
 
 def hash_role(identity: str, options: SplitOptions, *, test: bool = True, val: bool = True) -> str:
