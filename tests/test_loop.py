@@ -8,6 +8,7 @@ bundle; a model that has learnt nothing is not stopped early and says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from types import SimpleNamespace
 
@@ -18,7 +19,8 @@ import torch
 from serverless.detector import Detector
 from tests.factories import write_task_export
 from trainer.commands import main
-from trainer.data.splits import read_split
+from trainer.data.readers import load_dataset
+from trainer.data.splits import SplitOptions, read_split, split_data
 from trainer.evaluation import metrics
 from trainer.training import run as training_run
 
@@ -100,7 +102,7 @@ def test_inspect_tells_which_annotations_a_run_saw(loop, capsys):
 
 
 @pytest.mark.slow
-def test_a_run_without_validation_ends_with_a_complete_bundle(tmp_path):
+def test_a_run_without_validation_ends_with_a_complete_bundle(tmp_path, capsys):
     export = write_task_export(tmp_path / "v", range(4))
     out = tmp_path / "run"
     argv = ["train", str(export), "--out", str(out), "--epochs", "3", "--patience", "1",
@@ -113,6 +115,8 @@ def test_a_run_without_validation_ends_with_a_complete_bundle(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["calibration"] is None
     assert roles(out)["val"] == set()
     assert len(Detector(out, "cpu").labels) == 1
+    assert main(["evaluate", str(out), str(export), "--device", "cpu"]) == 2  # nothing to default to
+    assert "trained without validation images" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -133,6 +137,24 @@ def test_a_model_that_learnt_nothing_is_not_stopped_and_says_so(tmp_path, monkey
     info = json.loads((out / "model.json").read_text())
     assert info["provenance"]["epochs_run"] == 3 and info["provenance"]["best_epoch"] == 3
     assert "has not learnt to find the objects yet" in (out / "results.txt").read_text()
+
+
+def _hash_point(identity: str, seed: int = 0) -> float:
+    """docs/data.md: the point in [0, 1) that SHA-256 of the seed and the identity gives an image."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{identity}".encode()).digest()[:8], "big") / 2.0**64
+
+
+def test_too_few_images_to_hold_one_out_train_without_validation(tmp_path):
+    """Frames 2 and 8 both fall in the validation band at 0.2: training needs one, so both train."""
+    points = {i: _hash_point(f"default/img_{i:03d}.png") for i in (2, 3, 8)}
+    assert points[2] < 0.2 and points[8] < 0.2 <= points[3]
+    options = SplitOptions(val_fraction=0.2)
+    both_held_out = split_data(load_dataset([write_task_export(tmp_path / "a", [2, 8])]), options)
+    assert [im.name for im in both_held_out["train"]] == ["img_002.png", "img_008.png"]
+    assert not both_held_out["val"] and both_held_out.notes
+    one_trains = split_data(load_dataset([write_task_export(tmp_path / "b", [2, 3])]), options)
+    assert [im.name for im in one_trains["val"]] == ["img_002.png"]  # the hash's own role
+    assert [im.name for im in one_trains["train"]] == ["img_003.png"]
 
 
 class _Run(SimpleNamespace):

@@ -148,6 +148,9 @@ def _recorded_validation(
             given = "unknown"
         notes.append(f"{len(new)} images of this data are new to {run} (not evaluated; its split "
                      f"gives them: {given})")
+    if not wanted:
+        raise UserError(f"{run} was trained without validation images; evaluate annotated images it was "
+                        "not trained on with --subset NAME|all")
     if not records:
         raise UserError(
             f"none of the {len(wanted)} validation images of {run} is in this data; evaluate "

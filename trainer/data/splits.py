@@ -6,7 +6,8 @@ the seed alone, mapped to [0, 1) and compared with the fractions (test below ``t
 in the next ``val_fraction``). So an export that grows keeps every earlier image in its role and
 removing images moves none of the others. The price: counts are about the fractions, not exactly
 them, and a very small export can end without a validation image (training then runs without
-validation and says so) — a rule that forced one would have to move images when the data changes.
+validation and says so; when the hash would hold out every image, those it held out train) — a
+rule that forced one would have to move images when the data changes.
 
 Every run records its roles (``split.json``, :func:`write_split`): ``evaluate`` reads them back, and
 a retraining keeps its parent's roles for every image the parent had, so an image the parent
@@ -117,6 +118,7 @@ def split_data(
     subset_roles = {s: mapped.get(s) or KNOWN_SUBSETS.get(s) for s in subsets}
     said = set(subset_roles.values())
     roles: dict[str, list[ImageRecord]] = {role: [] for role in ROLES}
+    hashed: list[ImageRecord] = []  # images the hash held out
     notes: Counter = Counter()
     for im in data.images:
         subset = im.subset.casefold()
@@ -128,7 +130,10 @@ def split_data(
             role = subset_roles[subset] or "train"
             if role == "train":
                 role = hash_role(im.identity, options, test="test" not in said, val="val" not in said)
+                hashed += [im] if role != "train" else []
         roles[role].append(im)
+    if not roles["train"] and hashed:
+        _train_on_all(roles, hashed, notes)
     if not roles["train"] and require_train:
         raise UserError(
             f"no training images: all {len(data.images)} images are in validation or test "
@@ -136,6 +141,17 @@ def split_data(
             "--subset-map NAME=train or lower --val-fraction"
         )
     return Split(options, roles, notes)
+
+
+def _train_on_all(roles: dict[str, list[ImageRecord]], hashed: list[ImageRecord], notes: Counter) -> None:
+    """Too few images for the hash to leave one in training: those it held out train instead (and
+    the run has no hashed validation). Holding one out by another rule would move it as data grows;
+    a run records its roles, so a retrain or an evaluation of it never sees them move."""
+    moved = {id(im) for im in hashed}
+    for role in ("val", "test"):
+        roles[role] = [im for im in roles[role] if id(im) not in moved]
+    roles["train"] = list(hashed)
+    notes["images the hash held out train instead: too few images to hold any out"] += len(hashed)
 
 
 def _inheritance_notes(inherited: str, role: str, subset_role: str | None, mapped: bool) -> list[str]:
