@@ -3,10 +3,12 @@
 Everything the project knows about an architecture lives in its :class:`Architecture` record: its
 torchvision model name (builder and weights through ``torchvision.models.get_model`` and
 ``get_model_weights``), backbone, default input size, whether it serves masks, how its
-class-dependent layers are replaced and recognised, and its training-only options. Adding an
-architecture is adding one record. The bundle stores only the name and the build options, so the
-function rebuilds exactly the network the trainer trained. Pretrained weights are resolved by the
-trainer; here models are built with ``weights=None`` unless a torchvision weight enum is passed in.
+class-dependent layers are replaced and recognised, its training-only options, and how torchvision's
+builder shapes it when it starts from pretrained weights (frozen batch norm, frozen backbone layers,
+SSDlite's tail). Adding an architecture is adding one record. The bundle stores the name, the build
+options and that *structure* (:meth:`Architecture.structure`), so the function and a retraining
+rebuild exactly the network the trainer trained. Pretrained weights are resolved by the trainer; here
+models are built with ``weights=None`` unless a torchvision weight enum is passed in.
 
 Each record also states where its priors are (anchors; SSD default boxes): the feature strides, the
 layout of torchvision's default sizes and aspect ratios. ``build_model(..., anchors=...)`` replaces
@@ -28,6 +30,15 @@ from serverless.errors import UnknownArchitectureError
 
 if TYPE_CHECKING:
     import torch
+
+#: Every model reports detections down to this score, whatever torchvision's per-architecture default
+#: (FCOS 0.2, RetinaNet 0.05, R-CNN box_score_thresh 0.05, SSDlite 0.001). mAP and threshold
+#: calibration then see the same low-score tail on every architecture, and a calibrated (or
+#: user-set) threshold below a builtin default still gets its detections in the function.
+SCORE_FLOOR = 0.001
+
+#: The ``norm`` of a structure: torchvision's FrozenBatchNorm2d, or trainable nn.BatchNorm2d.
+FROZEN_NORM, BATCH_NORM = "frozen", "batch"
 
 
 def _replace_rcnn_heads(model: torch.nn.Module, num_classes: int) -> None:
@@ -68,6 +79,74 @@ def _like_conv(old: torch.nn.Conv2d, out_channels: int) -> torch.nn.Conv2d:
     torch.nn.init.normal_(new.weight, std=0.01)
     torch.nn.init.constant_(new.bias, -math.log((1 - 0.01) / 0.01))
     return new
+
+
+def _freeze_resnet(model: torch.nn.Module, layers: int) -> None:
+    """torchvision's ``_resnet_fpn_extractor``: train the last ``layers`` of layer4..layer1, conv1."""
+    body = model.backbone.body
+    trained = ("layer4", "layer3", "layer2", "layer1", "conv1")[:layers] + (("bn1",) if layers == 5 else ())
+    for name, parameter in body.named_parameters():
+        if not name.startswith(trained):
+            parameter.requires_grad_(False)
+
+
+def _mobilenet_frozen_blocks(blocks: list, layers: int) -> int:
+    """How many leading MobileNet blocks torchvision's extractors freeze for ``layers`` trainable."""
+    stages = [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+    return len(blocks) if layers == 0 else stages[len(stages) - layers]
+
+
+def _freeze_mobilenet_fpn(model: torch.nn.Module, layers: int) -> None:
+    """torchvision's ``backbone_utils._mobilenet_extractor`` on the FPN body's blocks."""
+    blocks = list(model.backbone.body.children())
+    for block in blocks[: _mobilenet_frozen_blocks(blocks, layers)]:
+        block.requires_grad_(False)
+
+
+def _freeze_norm(model: torch.nn.Module) -> None:
+    """The backbone body's BatchNorm2d as torchvision's pretrained builders make them:
+    FrozenBatchNorm2d with its default eps (the builder passes the class as ``norm_layer``)."""
+    import torch
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for module in list(model.backbone.body.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features)
+                for buffer in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, buffer).copy_(getattr(child, buffer).detach())
+                setattr(module, name, frozen)
+
+
+def _restructure_fpn(model: torch.nn.Module, spec: Architecture, structure: dict[str, Any],
+                     num_classes: int) -> None:
+    if structure.get("norm") == FROZEN_NORM:
+        _freeze_norm(model)
+    spec.freeze_backbone(model, structure.get("trainable_backbone_layers", spec.trainable_layers[1]))
+
+
+def _restructure_ssdlite(model: torch.nn.Module, spec: Architecture, structure: dict[str, Any],
+                         num_classes: int) -> None:
+    """SSDlite's backbone as its builder makes it: the MobileNet tail is reduced unless the backbone
+    starts from ImageNet weights (then the head's input widths change too), and the extractor
+    freezes the leading blocks."""
+    from functools import partial
+
+    import torch
+    from torchvision.models import mobilenet_v3_large
+    from torchvision.models.detection import _utils, ssdlite
+
+    layers = structure.get("trainable_backbone_layers", spec.trainable_layers[1])
+    reduced = structure.get("reduced_tail", True)
+    if reduced and layers == spec.trainable_layers[1]:
+        return  # as get_model built it
+    norm = partial(torch.nn.BatchNorm2d, eps=0.001, momentum=0.03)  # as torchvision builds it
+    backbone = mobilenet_v3_large(weights=None, norm_layer=norm, reduced_tail=reduced)
+    model.backbone = ssdlite._mobilenet_extractor(backbone, layers, norm)
+    if not reduced:
+        widths = _utils.retrieve_out_channels(model.backbone, (320, 320))  # as the builder measures
+        anchors = model.anchor_generator.num_anchors_per_location()
+        model.head = ssdlite.SSDLiteHead(widths, anchors, num_classes, norm)
 
 
 #: Class-dependent parameters of each head family: their first dimension is laid out by class.
@@ -187,11 +266,44 @@ class Architecture:
     detections_kw: str = "detections_per_img"  # constructor keyword capping detections per image
     #: Constructor options that only matter in training, from the --roi-batch-size setting.
     training_options: Callable[[int], dict[str, Any]] = field(default=_no_training_options)
+    #: Attribute path of the builder's score floor (set to :data:`SCORE_FLOOR`).
+    score_floor_attr: str = "score_thresh"
+    #: torchvision's builder swaps the backbone's BatchNorm2d for FrozenBatchNorm2d when it starts
+    #: from pretrained weights (the older builders; the ``_v2`` ones keep BatchNorm2d).
+    frozen_norm: bool = False
+    #: (default, most) trainable backbone layers of a pretrained start, as torchvision validates them.
+    trainable_layers: tuple[int, int] = (3, 5)
+    #: torchvision's rule leaving the last N backbone layers trainable (requires_grad) on a built model.
+    freeze_backbone: Callable[[torch.nn.Module, int], None] = field(default=_freeze_resnet)
+    #: Turns a model built without weights into the given structure (see :meth:`structure`).
+    restructure: Callable[..., None] = field(default=_restructure_fpn)
+    #: SSDlite: the builder reduces the MobileNet tail unless the backbone starts from ImageNet.
+    tail_follows_imagenet: bool = False
 
     @property
     def shape_type(self) -> str:
         """The CVAT shape the function returns for this architecture."""
         return "mask" if self.masks else "rectangle"
+
+    def structure(self, start: str, trainable_layers: int | None = None) -> dict[str, Any]:
+        """The module structure torchvision's builder gives this architecture when it starts from
+        ``start`` weights ("coco", "imagenet" or "none"); a bundle records it so that the function
+        and a retraining rebuild the same network (:func:`build_model` ``structure``).
+
+        ``norm``: the backbone's normalisation; ``trainable_backbone_layers``: the rest is frozen
+        (torchvision ignores a value without pretrained weights: all layers train);
+        ``reduced_tail`` (SSDlite only): the MobileNet tail's width.
+        """
+        pretrained = start != "none"
+        default, most = self.trainable_layers
+        layers = (default if trainable_layers is None else trainable_layers) if pretrained else most
+        shape: dict[str, Any] = {
+            "norm": FROZEN_NORM if pretrained and self.frozen_norm else BATCH_NORM,
+            "trainable_backbone_layers": layers,
+        }
+        if self.tail_follows_imagenet:
+            shape["reduced_tail"] = start != "imagenet"
+        return shape
 
 
 _RCNN = {
@@ -199,21 +311,24 @@ _RCNN = {
     "class_params": _RCNN_CLASS_PARAMS,
     "detections_kw": "box_detections_per_img",
     "training_options": _rcnn_training_options,
+    "score_floor_attr": "roi_heads.score_thresh",  # the builder's box_score_thresh
 }
 _DENSE = {"replace_heads": _replace_dense_head, "class_params": _DENSE_CLASS_PARAMS}
+_MOBILENET_FPN = {"trainable_layers": (3, 6), "freeze_backbone": _freeze_mobilenet_fpn}
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in [
         Architecture("fasterrcnn_resnet50_fpn_v2", "resnet50", **_RCNN),
-        Architecture("fasterrcnn_mobilenet_v3_large_fpn", "mobilenet_v3_large", priors=_MOBILENET_RCNN_PRIORS,
-                     **_RCNN),
+        Architecture("fasterrcnn_mobilenet_v3_large_fpn", "mobilenet_v3_large", frozen_norm=True,
+                     priors=_MOBILENET_RCNN_PRIORS, **_RCNN, **_MOBILENET_FPN),
         Architecture("retinanet_resnet50_fpn_v2", "resnet50", priors=_RETINANET_PRIORS, **_DENSE),
-        Architecture("fcos_resnet50_fpn", "resnet50", priors=_FCOS_PRIORS, **_DENSE),
+        Architecture("fcos_resnet50_fpn", "resnet50", frozen_norm=True, priors=_FCOS_PRIORS, **_DENSE),
         Architecture(
             "ssdlite320_mobilenet_v3_large", "mobilenet_v3_large",
             replace_heads=_replace_ssdlite_head, class_params=_SSDLITE_CLASS_PARAMS,
             min_size=320, max_size=320, fixed_size=True, priors=_SSDLITE_PRIORS,
+            trainable_layers=(6, 6), restructure=_restructure_ssdlite, tail_follows_imagenet=True,
         ),
         Architecture("maskrcnn_resnet50_fpn_v2", "resnet50", masks=True, **_RCNN),
     ]
@@ -243,6 +358,7 @@ def build_model(
     weights_backbone: Any = None,
     trainable_backbone_layers: int | None = None,
     anchors: dict[str, Any] | None = None,
+    structure: dict[str, Any] | None = None,
     **extra: Any,
 ) -> torch.nn.Module:
     """Build ``arch`` for ``num_labels`` labels (class 0 is background, label i is class i + 1).
@@ -251,9 +367,13 @@ def build_model(
     largest; fixed-size architectures always use one square size.
 
     ``weights`` (a torchvision COCO weight enum) are loaded with the original 91-class head, which is
-    then replaced, so the backbone, neck and box regression start pretrained. ``anchors`` (see
-    :func:`check_anchors`; None keeps torchvision's) replace the default priors after loading: their
-    count per location is the architecture's, so the pretrained prior-dependent heads still load.
+    then replaced, so the backbone, neck and box regression start pretrained; torchvision then
+    shapes the model itself (``trainable_backbone_layers`` goes to it). Without weights, a
+    ``structure`` (:meth:`Architecture.structure`, as a bundle records it) rebuilds the network a
+    pretrained start would have given; without one, the model is torchvision's from-scratch build.
+    ``anchors`` (see :func:`check_anchors`; None keeps torchvision's) replace the default priors
+    after loading: their count per location is the architecture's, so the pretrained
+    prior-dependent heads still load. Either way the score floor is :data:`SCORE_FLOOR`.
     """
     spec = get_architecture(arch)
     num_classes = num_labels + 1
@@ -271,8 +391,20 @@ def build_model(
     else:
         model = get_model(arch, weights=weights, **kwargs)
         spec.replace_heads(model, num_classes)
+    if structure and weights is None and weights_backbone is None:
+        spec.restructure(model, spec, structure, num_classes)
     if spec.fixed_size:
         model.transform.fixed_size = (largest, largest)
     if anchors is not None:
         _set_anchors(model, spec.priors, anchors)
+    owner, _, name = spec.score_floor_attr.rpartition(".")
+    setattr(model.get_submodule(owner), name, SCORE_FLOOR)
     return model
+
+
+def infer_structure(arch: str, state: dict[str, Any]) -> dict[str, Any]:
+    """The structure of weights saved without one (bundles written before structures were
+    recorded): frozen batch norm saves no ``num_batches_tracked`` in the backbone body."""
+    spec = get_architecture(arch)
+    tracked = any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in state)
+    return {"norm": FROZEN_NORM} if spec.frozen_norm and not tracked else {}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serverless.architectures import build_model, check_anchors, get_architecture
+from serverless.architectures import build_model, check_anchors, get_architecture, infer_structure
 from serverless.errors import BundleError
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ METRICS_JSON = "metrics.json"
 HISTORY_CSV = "history.csv"
 CONFIG_YAML = "config.yaml"
 PLOTS = "plots"
+#: The run's images by role (identities of train, val and test images): what evaluate and a
+#: retraining read to stay off the images the model was trained on.
+SPLIT_JSON = "split.json"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
 BUNDLE_FILES = (MODEL_JSON, WEIGHTS, LABELS_TXT)
@@ -62,6 +65,9 @@ class BundleInfo:
     #: Priors fitted to the training data (sizes and aspect ratios, as torchvision's anchor generator
     #: takes them); None: the architecture's defaults, as in bundles written before they existed.
     anchors: dict[str, list] | None = None
+    #: How the network is shaped beyond its name (architectures.Architecture.structure: norm
+    #: layers, trainable backbone layers, SSDlite's tail); {} in bundles older than the field.
+    structure: dict[str, Any] = field(default_factory=dict)
     threshold: float = 0.5  # default score threshold (max F1 on validation)
     class_thresholds: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +84,7 @@ class BundleInfo:
             max_size=self.max_size,
             detections_per_img=self.detections_per_img,
             anchors=self.anchors,
+            structure=self.structure,
         )
 
     def score_floors(self, threshold: float | None = None) -> np.ndarray:
@@ -138,13 +145,15 @@ def load_model(
 ) -> tuple[BundleInfo, torch.nn.Module]:
     """Rebuild the network and load its weights without unpickling code; eval mode on ``device``."""
     info = load_info(bundle_dir)
-    model = info.build()
     path = Path(bundle_dir) / WEIGHTS
     if not path.exists():
         raise BundleError(f"{bundle_dir}: no {WEIGHTS}")
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not info.structure:
+        info.structure = infer_structure(info.architecture, state)
+    model = info.build()
     model.load_state_dict(state)
     return info, model.eval().to(device)
 

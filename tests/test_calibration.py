@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer.evaluation.calibration import FALLBACK_THRESHOLD, calibrate_thresholds
+from trainer.evaluation.calibration import FALLBACK_THRESHOLD, MIN_CLASS_MATCHES, calibrate_thresholds
 
 LABELS = ["cell", "debris"]
 
@@ -32,7 +32,7 @@ def test_threshold_separates_true_from_false_positives():
         target([box(0), box(1), box(5)], [1, 1, 1], [0.9, 0.7, 0.6]),
         target([box(0), box(0), box(6)], [1, 1, 1], [0.8, 0.3, 0.2]),
     ]
-    cal = calibrate_thresholds(gts, preds, LABELS)
+    cal = calibrate_thresholds(gts, preds, LABELS, min_matches=1)
     assert 0.6 < cal.threshold <= 0.7
     assert (cal.f1, cal.precision, cal.recall) == (1.0, 1.0, 1.0)
     assert cal.class_thresholds == {"cell": cal.threshold}
@@ -47,12 +47,29 @@ def test_per_class_thresholds_follow_each_class():
     # "cell" is confident (true 0.9, false 0.5); "debris" is shy (true 0.4, false 0.1).
     gts = [target([box(0), box(1)], [1, 2])]
     preds = [target([box(0), box(3), box(1), box(4)], [1, 1, 2, 2], [0.9, 0.5, 0.4, 0.1])]
-    cal = calibrate_thresholds(gts, preds, LABELS)
+    cal = calibrate_thresholds(gts, preds, LABELS, min_matches=1)
     assert 0.5 < cal.class_thresholds["cell"] <= 0.9
     assert 0.1 < cal.class_thresholds["debris"] <= 0.4
     assert cal.select(preds[0])["scores"].tolist() == [0.9, 0.4]
     summary = cal.to_dict()["per_class"]
     assert summary["debris"]["f1"] == 1.0 and summary["debris"]["gt"] == 1
+
+
+def test_a_class_needs_enough_matched_objects_for_its_own_threshold():
+    # "cell": 5 objects, all found at 0.9, false alarms at 0.5 -> own threshold in (0.5, 0.9].
+    # "debris": 4 objects found at 0.3, false alarms at 0.2: too few for its own threshold.
+    gts = [target([box(i) for i in range(9)], [1] * 5 + [2] * 4)]
+    boxes = [box(i) for i in range(9)] + [box(20 + i) for i in range(9)]
+    scores = [0.9] * 5 + [0.3] * 4 + [0.5] * 5 + [0.2] * 4
+    preds = [target(boxes, [1] * 5 + [2] * 4 + [1] * 5 + [2] * 4, scores)]
+    cal = calibrate_thresholds(gts, preds, LABELS)
+    assert MIN_CLASS_MATCHES == 5 and list(cal.class_thresholds) == ["cell"]
+    assert 0.5 < cal.class_thresholds["cell"] <= 0.9
+    # pooled: keeping >= 0.3 gives 9 TP / 14 kept (F1 0.78) > keeping >= 0.9 (5/5, F1 0.71)
+    assert 0.2 < cal.threshold <= 0.3 and cal.threshold_for("debris") == cal.threshold
+    assert cal.per_class["debris"].matched == 4 and cal.per_class["cell"].matched == 5
+    assert "for debris (fewer than 5 matched" in cal.applied() and "cell 0." in cal.applied()
+    assert cal.to_dict()["min_class_matches"] == 5
 
 
 def test_overlap_below_iou_is_not_a_match():

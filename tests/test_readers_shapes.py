@@ -12,6 +12,7 @@ from trainer.data.readers import load_dataset
 from trainer.data.readers.geometry import rotated_envelope
 from trainer.data.readers.masks import decode_coco_rle, decode_cvat_rle
 from trainer.data.readers.parsed import CLIPPED, DEGENERATE, GROUPED, ROTATED
+from trainer.data.records import Shape
 
 # A hand-made 4x3 mask and its CVAT RLE, run by run (row-major, first run counts zeros):
 # rows 0110 / 0111 / 0001  ->  1 zero, 2 ones, 2 zeros, 3 ones, 3 zeros, 1 one
@@ -190,3 +191,42 @@ def test_task_export_without_subsets_uses_the_task_subset(tmp_path):
     assert data.labels == ["z"]
     assert data.images[0].key == ("Test", "f.png")
     assert data.images[0].path == root / "images" / "f.png"  # older layout: images/<name>
+
+
+def _coco(segmentation, width: int, height: int) -> np.ndarray:
+    """COCO's own rasterisation of an annotation's segmentation (polygons, or a bbox array)."""
+    rles = mask_utils.frPyObjects(segmentation, height, width)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+
+
+@pytest.mark.parametrize(
+    "box", [(10.0, 5.0, 30.0, 20.0), (10.5, 5.25, 29.75, 19.5), (0.0, 0.0, 40.0, 30.0), (3.3, 7.9, 4.1, 9.2)],
+)
+def test_box_masks_cover_the_pixels_coco_covers(box):
+    """Mask R-CNN targets and segm ground truth of a box are COCO's rasterisation of its bbox."""
+    x0, y0, x1, y1 = box
+    want = _coco(np.array([[x0, y0, x1 - x0, y1 - y0]]), 40, 30)
+    assert np.array_equal(Shape("a", "rectangle", box).to_mask(40, 30), want)
+
+
+def test_an_integer_box_covers_its_pixels_and_not_one_row_or_column_more():
+    mask = Shape("a", "rectangle", (10.0, 5.0, 30.0, 20.0)).to_mask(40, 30)
+    rows, cols = np.nonzero(mask)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5, 19, 10, 29) and mask.sum() == 20 * 15
+
+
+@pytest.mark.parametrize(
+    "rings",
+    [[[20.0, 20.0, 50.0, 25.0, 30.0, 50.0]],  # triangle
+     [[10.2, 4.7, 33.9, 6.1, 36.4, 27.8, 18.0, 22.2, 8.5, 15.0]],  # irregular, fractional
+     [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0], [30.0, 5.0, 38.0, 5.0, 34.0, 25.0]]],  # two parts
+)  # fmt: skip
+def test_polygon_masks_cover_the_pixels_coco_covers(rings):
+    shape = Shape("a", "polygon", (0.0, 0.0, 1.0, 1.0), polygons=rings)
+    assert np.array_equal(shape.to_mask(60, 55), _coco(rings, 60, 55))
+
+
+def test_a_square_polygon_covers_exactly_its_pixels():
+    shape = Shape("a", "polygon", (2, 2, 12, 12), polygons=[[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]])
+    mask = shape.to_mask(20, 20)
+    assert mask.sum() == 100 and mask[2:12, 2:12].all()

@@ -153,3 +153,18 @@ def test_without_validation_the_lowest_loss_epoch_is_kept_even_when_the_loss_is_
     for epoch, loss in enumerate((2.5, 1.8, 2.1)):
         run_module.record_epoch(run, epoch, {"loss": loss, "lr": 0.01, "images_per_s": 1.0}, {})
     assert run.progress.best_epoch == 1 and (tmp_path / BEST_CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("trainable_backbone_layers: abc\n", "trainable_backbone_layers: expected an integer, got 'abc'"),
+     ("val_fraction: [1, 2]\n", "val_fraction: expected a number, got '1,2'"),
+     ("include_unvalidated: perhaps\n", "include_unvalidated: expected true or false"),
+     ("trainable_backbone_layers: 6\n", "trainable_backbone_layers: expected 0 to 5 for fasterrcnn_res")],
+)  # fmt: skip
+def test_a_wrong_value_in_a_config_is_one_line_naming_the_key(tmp_path, text, message):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(text)
+    with pytest.raises(UserError, match=message) as caught:
+        train_options(build_parser().parse_args(["train", "--config", str(cfg)]))
+    assert "\n" not in str(caught.value)

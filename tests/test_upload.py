@@ -299,6 +299,17 @@ def test_label_of_another_shape_type_is_refused(detector):
         upload(FakeClient([task]), detector, [task])
 
 
+def test_a_refused_label_leaves_every_task_as_it_was(detector):
+    """--create-labels checks every label of every task before it creates any or sends a shape."""
+    ready = FakeTask(15, [label(1, "cell")])
+    wrong = FakeTask(16, [label(1, "cell"), label(22, "debris_NV", "polygon")])  # cell_NV missing
+    refused = r"task 16: label 'debris_NV' is of type 'polygon'.*nothing was changed"
+    with pytest.raises(UserError, match=refused):
+        upload(FakeClient([ready, wrong]), detector, [ready, wrong], label_suffix="_NV", create_labels=True)
+    assert ready.calls == [] and wrong.calls == []
+    assert [x.name for x in wrong.labels] == ["cell", "debris_NV"]
+
+
 def test_unknown_task_is_a_user_error():
     with pytest.raises(UserError, match="does not exist"):
         find_tasks(FakeClient([]), [99])

@@ -183,7 +183,7 @@ def _base_type(hint: Any) -> Any:
 
 def _parser(f: dataclasses.Field, kind: Any) -> Callable[[str], Any]:
     """The text -> value function of a field: its own ``parse``, else by type, with choices."""
-    parse = f.metadata.get("parse") or {int: int, float: float}.get(kind, str)
+    parse = f.metadata.get("parse") or {int: _number(int), float: _number(float)}.get(kind, str)
     choices = f.metadata.get("choices")
     if not choices:
         return parse
@@ -195,6 +195,20 @@ def _parser(f: dataclasses.Field, kind: Any) -> Callable[[str], Any]:
         return value
 
     return choose
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    """int or float of a text, with an error that says what was expected."""
+
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"expected {what}, got {text!r}") from None
+
+    return parse
 
 
 def _as_argparse_type(text: str, parse: Callable[[str], Any]) -> Any:

@@ -6,7 +6,10 @@ optional previews with boxes and scores drawn. Unreadable files are listed and s
 
 Server: detections go into the tasks through cvat-sdk, only on frames without annotations unless
 --all-frames (existing shapes are never deleted). --label-suffix _NV (or --nv) writes them under
-"<label>_NV" labels to mark them not validated. Each score is also written as the attribute
+"<label>_NV" labels to mark them not validated: train, evaluate and inspect leave labels ending in
+_NV out (with the images holding them) until a person corrects them to the real label. Another
+suffix needs the same --unvalidated-suffix there. --create-labels checks every label of every task
+before it creates any. Each score is also written as the attribute
 "score" of a task label that has one (type text: "0.873"; number 0-100 step 1: "87"), the only
 place CVAT keeps it. Credentials come from the environment: CVAT_ACCESS_TOKEN, or CVAT_USER and
 CVAT_PASSWORD.
@@ -23,6 +26,7 @@ import argparse
 from pathlib import Path
 
 from trainer.commands import add_model_options
+from trainer.data.options import UNVALIDATED_SUFFIX
 
 HELP = "detect objects in a folder of images, or pre-annotate CVAT tasks"
 
@@ -59,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--label-suffix", default="", metavar="SUFFIX", help='e.g. "_NV": write RBC as RBC_NV'
     )
     server.add_argument(
-        "--nv", dest="label_suffix", action="store_const", const="_NV", help="--label-suffix _NV"
+        "--nv", dest="label_suffix", action="store_const", const=UNVALIDATED_SUFFIX,
+        help=f"--label-suffix {UNVALIDATED_SUFFIX}: not validated; training leaves these out",
     )
     server.add_argument("--create-labels", action="store_true", help="add missing target labels")
     server.add_argument(
@@ -143,4 +148,7 @@ def _run_server(args: argparse.Namespace) -> int:
                 print(line, flush=True)
     if args.dry_run:
         print("dry run: nothing was sent")
+    if args.label_suffix and args.label_suffix != UNVALIDATED_SUFFIX:
+        print(f"note: train, evaluate and inspect leave these out only with --unvalidated-suffix "
+              f"{args.label_suffix} (their default is {UNVALIDATED_SUFFIX})")
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.data.records import Shape
+from trainer.data.records import Shape, rasterize
 
 #: Tolerance when rounding box edges to whole pixels (exports write 2 decimals; float32 noise).
 _EPS = 1e-3
@@ -230,16 +230,13 @@ def alpha(shape: Shape, box: tuple[float, float, float, float], region: Region) 
         out = np.asarray(canvas).copy()
         _paste_mask(out, shape.mask, shape.mask_origin, region)
         return out
-    draw = ImageDraw.Draw(canvas)
-    if shape.polygons:
-        for ring in shape.polygons:
-            if len(ring) >= 6:
-                draw.polygon(_to_crop(ring, region), fill=255)
-    else:
-        (bx1, bx2), (by1, by2) = _cover(box[0], box[2]), _cover(box[1], box[3])
-        draw.rectangle(
-            (bx1 - region.x1, by1 - region.y1, bx2 - 1 - region.x1, by2 - 1 - region.y1), fill=255
-        )
+    if shape.polygons:  # rasterised as COCO does, like the shape's training mask
+        rings = [_to_crop(ring, region) for ring in shape.polygons]
+        return rasterize(rings, region.width, region.height).astype(np.uint8) * 255
+    (bx1, bx2), (by1, by2) = _cover(box[0], box[2]), _cover(box[1], box[3])
+    ImageDraw.Draw(canvas).rectangle(
+        (bx1 - region.x1, by1 - region.y1, bx2 - 1 - region.x1, by2 - 1 - region.y1), fill=255
+    )
     return np.asarray(canvas)
 
 

@@ -99,17 +99,24 @@ def upload_predictions(
     client: Any, detector: Detector, tasks: list, options: UploadOptions
 ) -> Iterator[TaskReport]:
     """Detect on each task's eligible frames and write the shapes (or report them, dry run);
-    yields each task's report as soon as the task is done."""
+    yields each task's report as soon as the task is done. Every task's labels are checked before
+    anything is created or sent, so a refused run leaves every task as it was."""
+    for task in tasks:
+        check_labels(task, detector.labels, _shape_type(detector, options), options)
     for task in tasks:
         yield upload_task(client, detector, task, options)
+
+
+def _shape_type(detector: Detector, options: UploadOptions) -> str:
+    if detector.has_masks:
+        return "polygon" if options.polygons else "mask"
+    return "rectangle"
 
 
 def upload_task(client: Any, detector: Detector, task: Any, options: UploadOptions) -> TaskReport:
     """Detect on one task's eligible frames and send the shapes, ``batch_frames`` at a time."""
     report = TaskReport(task.id, task.name)
-    shape_type = "mask" if detector.has_masks else "rectangle"
-    if detector.has_masks and options.polygons:
-        shape_type = "polygon"
+    shape_type = _shape_type(detector, options)
     label_ids, id_names = resolve_labels(client, task, detector.labels, shape_type, options, report)
     targets = {name: name + options.label_suffix for name in detector.labels}
     slots = score_slots(task, targets, options.score_attribute, report)
@@ -156,28 +163,15 @@ def resolve_labels(
     options: UploadOptions,
     report: TaskReport,
 ) -> tuple[dict[str, int], dict[int, str]]:
-    """Map model label -> task label id by name (+ suffix); create or refuse missing ones."""
-    by_name = {label.name: label for label in task.get_labels()}
-    targets = {name: name + options.label_suffix for name in model_labels}
-    absent = {m: t for m, t in targets.items() if t not in by_name}
-    if absent and options.label_suffix and not options.create_labels:
-        raise UserError(
-            f"task {task.id} ({task.name!r}) has no label(s) "
-            f"{', '.join(map(repr, absent.values()))}; add them in CVAT or pass --create-labels"
-        )
+    """Map model label -> task label id by name (+ suffix); create (after checking them all) or
+    refuse missing ones."""
+    by_name, targets, absent = check_labels(task, model_labels, shape_type, options)
     if absent and options.create_labels:
         report.created = list(absent.values())
         if not options.dry_run:
             specs = [_new_label(t, by_name.get(m), shape_type) for m, t in absent.items()]
             add_labels(client, task, specs)
             by_name = {label.name: label for label in task.get_labels()}
-    for model_label, target in targets.items():
-        label = by_name.get(target)
-        if label is not None and label.type not in ("any", shape_type):
-            raise UserError(
-                f"task {task.id}: label {target!r} is of type {label.type!r}, but this model "
-                f"writes {shape_type!r} shapes (model label {model_label!r})"
-            )
     label_ids = {m: by_name[t].id for m, t in targets.items() if t in by_name}
     if options.dry_run and options.create_labels:  # labels to be created get unused ids
         unused = max((label.id for label in by_name.values()), default=0) + 1
@@ -214,6 +208,30 @@ def score_slots(
             "to keep the scores"
         )
     return slots
+
+
+def check_labels(
+    task: Any, model_labels: list[str], shape_type: str, options: UploadOptions
+) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """(task labels by name, model label -> target name, absent targets); a UserError when an
+    existing target cannot hold the model's shapes, or a suffixed one is missing without
+    ``create_labels``. Changes nothing."""
+    by_name = {label.name: label for label in task.get_labels()}
+    targets = {name: name + options.label_suffix for name in model_labels}
+    for model_label, target in targets.items():
+        label = by_name.get(target)
+        if label is not None and label.type not in ("any", shape_type):
+            raise UserError(
+                f"task {task.id}: label {target!r} is of type {label.type!r}, but this model "
+                f"writes {shape_type!r} shapes (model label {model_label!r}); nothing was changed"
+            )
+    absent = {m: t for m, t in targets.items() if t not in by_name}
+    if absent and options.label_suffix and not options.create_labels:
+        raise UserError(
+            f"task {task.id} ({task.name!r}) has no label(s) "
+            f"{', '.join(map(repr, absent.values()))}; add them in CVAT or pass --create-labels"
+        )
+    return by_name, targets, absent
 
 
 def _new_label(name: str, base: Any, shape_type: str) -> models.PatchedLabelRequest:

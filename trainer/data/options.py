@@ -8,15 +8,20 @@ YAML values through the same parsing. Kept free of heavy imports: parsers are bu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from serverless.errors import UserError
 
 if TYPE_CHECKING:
     from trainer.data.records import DetectionData, ImageRecord
-    from trainer.data.splits import Split, SplitOptions
+    from trainer.data.splits import RecordedSplit, Split, SplitOptions
 
 ROLES = ("train", "val", "test")
+#: The label suffix ``predict --nv`` writes: such labels hold model output nobody validated yet.
+UNVALIDATED_SUFFIX = "_NV"
 
 
 def parse_names(text: str) -> list[str]:
@@ -102,7 +107,13 @@ class DataOptions:
         [], "role of a CVAT subset not named Train/Validation/Test (repeatable)",
         parse=parse_subset_role, append=True, metavar="NAME=train|val|test")
     val_fraction: float = option(
-        0.2, "share of train images held out for validation when no subset says val (0.2)", metavar="F")
+        0.2, "share of train images held out for validation when no subset says val, by a stable hash "
+        "of each image (0.2; 0: no validation)", metavar="F")
+    unvalidated_suffix: str = option(
+        UNVALIDATED_SUFFIX, "labels ending in this hold unvalidated pre-annotations (predict --nv, "
+        "--label-suffix): left out with the images holding them; '' reads every label", metavar="SUFFIX")
+    include_unvalidated: bool = option(
+        False, "use unvalidated pre-annotations anyway, as their label without the suffix")
     server: str | None = option(
         None, "CVAT server to download from (credentials: CVAT_ACCESS_TOKEN or CVAT_USER/CVAT_PASSWORD "
         "in the environment)", metavar="URL")
@@ -127,28 +138,32 @@ def load_from_args(options: DataOptions, *, require_images: bool = True) -> Dete
     from trainer.data.readers import default_cache_dir, load_dataset
 
     sources = list(options.data)
+    downloaded, read_at = 0, ""
     if options.server:
         from trainer.cvat.server import connect, download_exports
 
         client = connect(options.server)
         cache = default_cache_dir() / "downloads"
+        read_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         sources = download_exports(client, project=options.project, tasks=options.tasks, cache_dir=cache)
+        downloaded = len(sources)
         sources += list(options.data)
     elif options.project is not None or options.tasks:
         raise UserError("--project and --tasks need --server URL")
     if not sources:
         raise UserError("no data given: name CVAT export zips/folders, or --server URL --project ID")
-    merge: dict[str, list[str]] = {}
-    for new, olds in options.merge_label:
-        merge.setdefault(new, []).extend(olds)
     data = load_dataset(
         sources,
         images_dir=options.images_dir,
         labels=options.labels,
-        merge=merge or None,
+        merge=merge_of(options) or None,
         keep_empty=options.keep_empty,
         skip_missing=options.skip_missing,
+        unvalidated_suffix=options.unvalidated_suffix,
+        include_unvalidated=options.include_unvalidated,
     )
+    if options.server:
+        data.server = server_provenance(options, read_at, [Path(s).name for s in sources[:downloaded]])
     if require_images and (without := [im for im in data.images if im.path is None]):
         raise UserError(
             f"{len(without)} images have no image file (the export holds annotations only, "
@@ -166,6 +181,23 @@ def load_from_args(options: DataOptions, *, require_images: bool = True) -> Dete
     return data
 
 
+def merge_of(options: DataOptions) -> dict[str, list[str]]:
+    merge: dict[str, list[str]] = {}
+    for new, olds in options.merge_label:
+        merge.setdefault(new, []).extend(olds)
+    return merge
+
+
+def server_provenance(options: DataOptions, read_at: str, exports: list[str]) -> dict[str, Any]:
+    """What a run records of a server source: the URL without any user or password in it, the
+    project/tasks, when the annotations were read, and the export files (named after CVAT's
+    ``updated_date`` of each project/task, i.e. the annotations' version)."""
+    parts = urlsplit(options.server or "")
+    url = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return {"url": url, "project": options.project, "tasks": options.tasks, "read_at": read_at,
+            "exports": exports}
+
+
 def largest_image(data: DetectionData) -> ImageRecord | None:
     """The image with the most pixels (sizes come from the annotations, checked against the files'
     headers, so nothing is decoded)."""
@@ -173,15 +205,23 @@ def largest_image(data: DetectionData) -> ImageRecord | None:
 
 
 def split_from_args(
-    options: DataOptions, data: DetectionData, seed: int = 0, *, require_train: bool = True
+    options: DataOptions, data: DetectionData, seed: int = 0, parent: RecordedSplit | None = None,
+    parent_run: str | None = None, *, require_train: bool = True,
 ) -> Split:
-    """Train/val/test lists following the subsets, --subset-map and --val-fraction."""
+    """Train/val/test lists following --subset-map, a parent run's recorded roles, the subsets
+    and --val-fraction (:func:`trainer.data.splits.split_data`)."""
     from trainer.data.splits import split_data
 
-    return split_data(data, split_options(options, seed), require_train=require_train)
+    options_ = split_options(options, seed, parent_run if parent else None)
+    return split_data(data, options_, parent, require_train=require_train)
 
 
-def split_options(options: DataOptions, seed: int = 0) -> SplitOptions:
+def split_options(options: DataOptions, seed: int = 0, parent: str | None = None) -> SplitOptions:
+    """Every data option that decides which images there are and which role each gets."""
     from trainer.data.splits import SplitOptions
 
-    return SplitOptions(val_fraction=options.val_fraction, seed=seed, subset_map=dict(options.subset_map))
+    return SplitOptions(
+        val_fraction=options.val_fraction, seed=seed, subset_map=dict(options.subset_map), parent=parent,
+        labels=options.labels, merge_label=merge_of(options), keep_empty=options.keep_empty,
+        include_unvalidated=options.include_unvalidated, unvalidated_suffix=options.unvalidated_suffix,
+    )

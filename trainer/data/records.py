@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 
 @dataclass
@@ -32,9 +32,10 @@ class Shape:
     group: int = 0
 
     def to_mask(self, width: int, height: int) -> np.ndarray:
-        """Full-image bool mask: the bitmap, the polygons, or the box when the shape has no outline."""
-        out = np.zeros((height, width), dtype=bool)
+        """Full-image bool mask: the bitmap, else the polygons, else the box; outlines cover
+        exactly the pixels COCO's own rasterisation covers (:func:`rasterize`)."""
         if self.mask is not None:
+            out = np.zeros((height, width), dtype=bool)
             left, top = self.mask_origin
             h, w = self.mask.shape
             x0, y0 = max(left, 0), max(top, 0)
@@ -42,15 +43,25 @@ class Shape:
             if x1 > x0 and y1 > y0:
                 out[y0:y1, x0:x1] = self.mask[y0 - top : y1 - top, x0 - left : x1 - left]
             return out
-        canvas = Image.new("1", (width, height), 0)
-        draw = ImageDraw.Draw(canvas)
         if self.polygons:
-            for ring in self.polygons:
-                if len(ring) >= 6:
-                    draw.polygon(ring, fill=1)
-        else:
-            draw.rectangle(self.box, fill=1)
-        return np.asarray(canvas, dtype=bool)
+            return rasterize(self.polygons, width, height)
+        x0, y0, x1, y1 = self.box
+        return rasterize([[x0, y0, x1, y0, x1, y1, x0, y1]], width, height)
+
+
+def rasterize(rings: list[list[float]], width: int, height: int) -> np.ndarray:
+    """The union of flat [x0, y0, x1, y1, ...] rings as a (height, width) bool mask, rasterised by
+    faster-coco-eval's ``frPyObjects`` exactly as COCO evaluation rasterises a polygon (a box is
+    its four corners, as COCO's own ``frBbox``). So Mask R-CNN targets, segm ground truth and
+    crops' alpha agree with the masks COCO scores against: a box (x0, y0, x1, y1) on integer
+    coordinates covers columns x0..x1-1 and rows y0..y1-1, not one more of each."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    polygons = [[float(v) for v in ring] for ring in rings if len(ring) >= 6]
+    if not polygons:
+        return np.zeros((height, width), dtype=bool)
+    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    return mask_utils.decode(rle).astype(bool)
 
 
 @dataclass
@@ -101,6 +112,8 @@ class DetectionData:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     sources: list[str] = field(default_factory=list)
     notes: Counter = field(default_factory=Counter)  # kept but changed (e.g. rotated -> envelope)
+    #: Where a server's annotations came from and when they were read (never credentials).
+    server: dict[str, Any] | None = None
     #: Labels of the exports that are no model class (tag, skeleton, no objects) -> why not.
     not_classes: dict[str, str] = field(default_factory=dict)
     #: The pixel limit the images were checked against, which decoders of these images apply too;
@@ -124,4 +137,5 @@ class DetectionData:
             "notes": dict(self.notes),
             "not_classes": dict(self.not_classes),
             "sources": list(self.sources),
+            **({"server": dict(self.server)} if self.server else {}),
         }

@@ -5,6 +5,10 @@ thresholds come from here. Predictions are matched greedily in score order, per 
 the unmatched ground-truth box they overlap most (IoU >= ``iou``). Because higher-scored predictions
 are matched first, the matches of the detections kept at any threshold are the same as if the
 lower-scored ones had never existed, so one matching pass yields the whole precision/recall curve.
+
+A class gets its own threshold only with evidence: at least :data:`MIN_CLASS_MATCHES` of its
+validation objects found (matched at any score). A threshold read off two or three objects is
+noise; such classes use the pooled threshold, which every class's objects inform.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-#: Used when the data give no evidence (no true positive at any threshold).
+#: Used when the data give no evidence (no true positive at any threshold), and by runs without
+#: validation images, which calibrate nothing.
 FALLBACK_THRESHOLD = 0.5
+#: Matched ground-truth objects a class needs on validation for a threshold of its own.
+MIN_CLASS_MATCHES = 5
 
 
 @dataclass
@@ -47,6 +54,11 @@ class Curve:
             where=precision + recall > 0,
         )
         return cls(scores[last], precision, recall, f1, gt)
+
+    @property
+    def matched(self) -> int:
+        """Ground-truth objects found at the lowest threshold (each is matched at most once)."""
+        return round(float(self.recall[-1]) * self.gt) if len(self.recall) else 0
 
     def best(self) -> tuple[float, int] | None:
         """(threshold, index) of the highest F1, or None when nothing is ever right.
@@ -86,13 +98,27 @@ class Calibration:
     f1: float
     precision: float
     recall: float
-    class_thresholds: dict[str, float]  # only classes with evidence; others use ``threshold``
+    #: Only classes with evidence (MIN_CLASS_MATCHES matched objects); others use ``threshold``.
+    class_thresholds: dict[str, float]
     pooled: Curve
     per_class: dict[str, Curve] = field(default_factory=dict)
     iou: float = 0.5
+    min_matches: int = MIN_CLASS_MATCHES
 
     def threshold_for(self, label: str) -> float:
         return self.class_thresholds.get(label, self.threshold)
+
+    def applied(self) -> str:
+        """Which threshold each class gets, in words: what a bundle calibrated like this applies."""
+        own = [f"{name} {value:.3f}" for name, value in self.class_thresholds.items()]
+        pooled = [name for name in self.labels if name not in self.class_thresholds]
+        parts = [f"own thresholds for {', '.join(own)}"] if own else []
+        if pooled:
+            parts.append(
+                f"the 'all' threshold {self.threshold:.3f} for {', '.join(pooled)} (fewer than "
+                f"{self.min_matches} matched objects of the class)"
+            )
+        return "; ".join(parts)
 
     def select(self, pred: dict) -> dict:
         """The detections of one prediction dict that pass their class threshold."""
@@ -114,14 +140,17 @@ class Calibration:
             "precision": self.precision,
             "recall": self.recall,
             "class_thresholds": dict(self.class_thresholds),
+            "min_class_matches": self.min_matches,
             "per_class": {name: curve.summary() for name, curve in self.per_class.items()},
         }
 
 
 def calibrate_thresholds(
-    gts: list[dict], preds: list[dict], labels: list[str], *, iou: float = 0.5
+    gts: list[dict], preds: list[dict], labels: list[str], *, iou: float = 0.5,
+    min_matches: int = MIN_CLASS_MATCHES,
 ) -> Calibration:
-    """Match ``preds`` to ``gts`` (dicts as in ``trainer.evaluation.metrics``) and pick thresholds."""
+    """Match ``preds`` to ``gts`` (dicts as in ``trainer.evaluation.metrics``) and pick thresholds;
+    a class gets its own with at least ``min_matches`` matched objects."""
     if len(gts) != len(preds):
         raise ValueError(f"{len(gts)} ground-truth images but {len(preds)} prediction images")
     scores, tp, classes, gt_counts = _match_all(gts, preds, len(labels), iou)
@@ -134,7 +163,7 @@ def calibrate_thresholds(
     class_thresholds = {}
     for name, curve in per_class.items():
         best = curve.best()
-        if best is not None:
+        if best is not None and curve.matched >= min_matches:
             class_thresholds[name] = best[0]
     return Calibration(
         labels=list(labels),
@@ -146,6 +175,7 @@ def calibrate_thresholds(
         pooled=pooled,
         per_class=per_class,
         iou=iou,
+        min_matches=min_matches,
     )
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from serverless.bundle import METRICS_JSON, RESULTS_TXT, atomic_write
+from serverless.bundle import METRICS_JSON, RESULTS_TXT, BundleInfo, atomic_write
 from trainer.evaluation.calibration import Calibration
 from trainer.evaluation.metrics import EvalResult
 
@@ -57,13 +57,18 @@ def format_table(result: EvalResult, calibration: Calibration | None) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if calibration is not None:
+        lines.append(f"thresholds: {calibration.applied()}")
     return "\n".join(lines)
 
 
-def format_results(result: EvalResult, calibration: Calibration | None) -> str:
-    """The full results.txt text: COCO summary, per-class table, what the thresholds mean."""
+def format_results(
+    result: EvalResult, calibration: Calibration | None, header: list[str] | None = None
+) -> str:
+    """The full results.txt text: ``header`` lines (what was evaluated, where the model came
+    from), COCO summary, per-class table, what the thresholds mean."""
     objects = sum(stats["gt"] for stats in result.per_class.values())
-    parts = [
+    parts = [*(header or []), *([""] if header else []),
         f"COCO {result.iou_type} evaluation: {result.images} images, {objects} objects, "
         f"{result.detections} detections (at most {result.max_dets} per image)",
         "",
@@ -76,26 +81,76 @@ def format_results(result: EvalResult, calibration: Calibration | None) -> str:
     if calibration is not None:
         parts += [
             f"Thr: the score threshold with the best F1 at IoU {calibration.iou:.2f}, per class "
-            "('-': no evidence there,",
-            "the 'all' threshold applies); P, R, F1: precision, recall and F1 at that threshold.",
+            f"('-': fewer than {calibration.min_matches} matched",
+            "objects of the class, the 'all' threshold applies); P, R, F1: precision, recall and F1 "
+            "at the class's best cut.",
         ]
     return "\n".join(parts) + "\n"
 
 
 def write_reports(
     run_dir: str | Path,
-    result: EvalResult,
+    result: EvalResult | None,
     calibration: Calibration | None,
     *,
     prefix: str = "",
+    header: list[str] | None = None,
+    notes: list[str] | None = None,
 ) -> None:
-    """Write ``<prefix>results.txt`` and ``<prefix>metrics.json`` into ``run_dir``."""
+    """Write ``<prefix>results.txt`` and ``<prefix>metrics.json`` into ``run_dir``.
+
+    ``notes`` (what the user must know about these numbers) end the text and go into the JSON;
+    without a ``result`` (a run without validation images) they are the whole report.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = format_results(result, calibration)
-    data = json.dumps(metrics_dict(result, calibration), indent=2, allow_nan=False) + "\n"
+    notes = list(notes or [])
+    if result is None:
+        text = "\n".join([*(header or []), *([""] if header else []), *notes]) + "\n"
+        content: dict[str, Any] = {"mAP": None, "mAP50": None, "calibration": None}
+    else:
+        text = format_results(result, calibration, header) + "".join(f"\n{note}\n" for note in notes)
+        content = metrics_dict(result, calibration)
+    data = json.dumps({**content, "notes": notes}, indent=2, allow_nan=False) + "\n"
     atomic_write(run_dir / f"{prefix}{RESULTS_TXT}", lambda f: f.write(text.encode()))
     atomic_write(run_dir / f"{prefix}{METRICS_JSON}", lambda f: f.write(data.encode()))
+
+
+def bundle_thresholds(info: BundleInfo) -> str:
+    """The thresholds a bundle's function applies when CVAT sends none, in words."""
+    own = ", ".join(f"{name} {value:.3f}" for name, value in info.class_thresholds.items())
+    rest = [name for name in info.labels if name not in info.class_thresholds]
+    text = f"{own} (own)" if own else ""
+    if rest:
+        text += ("; " if text else "") + f"{info.threshold:.3f} for {', '.join(rest)}"
+    return text
+
+
+def provenance_lines(provenance: dict[str, Any]) -> list[str]:
+    """Where a run's model came from, for results.txt and ``inspect RUN``: its annotations
+    (exports, or the server, project/tasks and when they were read), its start, its parent runs."""
+    data = provenance.get("data", {})
+    lines = [f"trained {provenance.get('created', '?')} on {data.get('images', '?')} images"
+             f" ({', '.join(f'{k} {v}' for k, v in provenance.get('split', {}).items())})"]
+    lines += _origin_lines(data.get("server"), data.get("sources", []))
+    weights = provenance.get("weights", {})
+    lines.append(f"  started from: {weights.get('kind', '?')} {weights.get('source', '')}".rstrip())
+    parent, depth = provenance.get("parent"), 1
+    while parent:
+        lines.append(f"  {'parent' if depth == 1 else 'ancestor'}: {parent.get('run')} "
+                     f"(trained {parent.get('created')}, from {parent.get('weights')})")
+        lines += ["  " + line for line in _origin_lines(parent.get("server"), parent.get("sources") or [])]
+        parent, depth = parent.get("parent"), depth + 1
+    return lines
+
+
+def _origin_lines(server: dict[str, Any] | None, sources: list[str]) -> list[str]:
+    if server:
+        what = f"project {server['project']}" if server.get("project") else ""
+        what += (" and " if what and server.get("tasks") else "") + (
+            f"tasks {', '.join(map(str, server['tasks']))}" if server.get("tasks") else "")
+        return [f"  annotations: {server.get('url')} {what}, read {server.get('read_at')}"]
+    return [f"  annotations: {', '.join(sources) or '?'}"]
 
 
 def _num(value: float | None) -> str:

@@ -93,7 +93,9 @@ class TrainConfig:
         choices=AUGMENT_PRESETS)
     detections_per_img: int = option(300, "most objects reported per image")
     roi_batch_size: int = option(256, "R-CNN box-head samples per image; lower trains faster")
-    trainable_backbone_layers: int | None = option(None, "0-5, for pretrained backbones")
+    trainable_backbone_layers: int | None = option(
+        None, "backbone layers that train, 0-5 (0-6 for MobileNet); the rest stay frozen. Pretrained "
+        "and retrained starts (default: torchvision's, 3; all for SSDlite); --weights none trains all")
     workers: int | None = option(None, "DataLoader workers (default: min(4, CPUs))")
     cache_images: bool = option(False, "decode every image once, keep in RAM")
     tile_size: int | None = option(None, "serve very large frames in tiles of this size")
@@ -120,5 +122,9 @@ class TrainConfig:
             raise UserError(f"lr: expected a positive learning rate, got {self.lr}")
         if not 0 <= self.scale_jitter < 1:
             raise UserError(f"scale_jitter: expected a fraction in [0, 1), got {self.scale_jitter}")
+        most = get_architecture(self.arch).trainable_layers[1]
+        layers = self.trainable_backbone_layers
+        if layers is not None and not 0 <= layers <= most:
+            raise UserError(f"trainable_backbone_layers: expected 0 to {most} for {self.arch}, got {layers}")
         if self.patience < 0:
             raise UserError(f"patience: expected 0 (off) or more epochs, got {self.patience}")

@@ -33,6 +33,8 @@ from serverless.bundle import (
     HISTORY_CSV,
     LAST_CHECKPOINT,
     MODEL_JSON,
+    PLOTS,
+    SPLIT_JSON,
     BundleInfo,
     atomic_write,
     save_bundle,
@@ -41,9 +43,9 @@ from serverless.detector import pick_device
 from serverless.errors import UserError
 from trainer import __version__
 from trainer.data.records import DetectionData
-from trainer.data.splits import Split
+from trainer.data.splits import Split, read_split, write_split
 from trainer.evaluation import plots, report
-from trainer.evaluation.calibration import calibrate_thresholds
+from trainer.evaluation.calibration import FALLBACK_THRESHOLD, calibrate_thresholds
 from trainer.evaluation.metrics import evaluate_detections, record_target
 from trainer.training import anchors, checkpoint, distributed, weights
 from trainer.training.config import TrainConfig
@@ -57,9 +59,10 @@ class Progress:
     """What a checkpoint restores besides the tensors: where the run is and how it went."""
 
     next_epoch: int = 0
-    best_map: float = float("-inf")  # validation mAP of the best epoch (minus the loss without validation)
+    best_map: float = -1.0  # validation mAP of the best epoch (0 for every epoch without validation)
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
+    gain_epoch: int = -1  # the last epoch that raised the best mAP (patience counts from it)
 
 
 @dataclass
@@ -109,6 +112,7 @@ def train(config: TrainConfig, data: DetectionData, split: Split) -> Path:
     try:
         if rank == 0:
             open_run_dir(config)
+            keep_split(out, split, config.resume)
         distributed.barrier()
         run = build(config, data, split, out, rank, world, device)
         if config.resume:
@@ -163,6 +167,21 @@ def open_run_dir(config: TrainConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def keep_split(out: Path, split: Split, resume: bool) -> None:
+    """Record the run's roles (split.json) once; a resumed run must see the same roles."""
+    recorded = read_split(out) if resume else None
+    if recorded is None:
+        write_split(out, split)
+        return
+    now = {role: {im.identity for im in images} for role, images in split.items()}
+    if now != recorded.roles:
+        changed = sum(len(recorded.roles[r] ^ now[r]) for r in now)
+        raise UserError(
+            f"--resume: {changed} image roles differ from the ones {out / SPLIT_JSON} recorded "
+            "(the data or the split options changed); resume with the same data, or start a new run"
+        )
+
+
 # ---------------------------------------------------------------- building
 
 
@@ -171,7 +190,7 @@ def build(config: TrainConfig, data: DetectionData, split: Split, out: Path, ran
     """Model, data loaders, optimizer and schedule of a run, seeded."""
     seed_everything(config.seed)
     spec = get_architecture(config.arch)
-    point = weights.resolve(config.weights, config.arch)
+    point = weights.resolve(config.weights, config.arch, config.trainable_backbone_layers)
     sizing = choose_sizing(config, spec, data, split, point)
     size = sizing.image_size
     sizes = train_size_range(size, config.scale_jitter)
@@ -179,7 +198,6 @@ def build(config: TrainConfig, data: DetectionData, split: Split, out: Path, ran
         point, config.arch, data.labels,
         min_size=sizes if len(sizes) > 1 else size, max_size=sizing.max_size, anchors=sizing.anchors,
         detections_per_img=config.detections_per_img,
-        trainable_backbone_layers=config.trainable_backbone_layers,
         **spec.training_options(config.roi_batch_size),
     ).to(device)
     loaders = _loaders(config, data, split, spec, rank, world, device)
@@ -200,10 +218,11 @@ def choose_sizing(config: TrainConfig, spec: Architecture, data: DetectionData, 
         return anchors.choose(spec, train_records, labels, inherited=recorded or _legacy_sizing(config, spec),
                               source="the checkpoint")
     inherited = None
-    if point.parent is not None:
-        size = point.parent.min_size or spec.min_size
-        inherited = {"image_size": size, "max_size": point.parent.max_size or max(spec.max_size, size),
-                     "anchors": point.parent.anchors}
+    parent = point.parent_info
+    if parent is not None:
+        size = parent.min_size or spec.min_size
+        inherited = {"image_size": size, "max_size": parent.max_size or max(spec.max_size, size),
+                     "anchors": parent.anchors}
     return anchors.choose(spec, train_records, labels, image_size=config.image_size, max_size=config.max_size,
                           anchors=config.anchors, inherited=inherited, source="the parent run")
 
@@ -284,6 +303,7 @@ def save_checkpoint(run: Run) -> None:
         "scheduler": run.scheduler.state_dict(), "scaler": run.precision.scaler.state_dict(),
         "epoch": run.progress.next_epoch - 1, "best_map": run.progress.best_map,
         "best_epoch": run.progress.best_epoch, "history": run.progress.history,
+        "gain_epoch": run.progress.gain_epoch,
         "rng": checkpoint.rng_state(), "labels": run.data.labels, "sizing": run.sizing.recorded(),
     }
     checkpoint.save(run.out / LAST_CHECKPOINT, state)
@@ -300,7 +320,8 @@ def resume(run: Run) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:  # empty when the run was not in fp16 (a scaler refuses to load that)
         run.precision.scaler.load_state_dict(state["scaler"])
-    run.progress = Progress(state["epoch"] + 1, state["best_map"], state["best_epoch"], state["history"])
+    run.progress = Progress(state["epoch"] + 1, state["best_map"], state["best_epoch"], state["history"],
+                            state.get("gain_epoch", state["best_epoch"]))
     checkpoint.set_rng_state(state["rng"])
     if run.main:
         print(f"resuming {run.out} at epoch {run.progress.next_epoch + 1}", flush=True)
@@ -345,10 +366,19 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def record_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> bool:
-    """Log the epoch, keep the best weights, checkpoint; True when early stopping triggers."""
+    """Log the epoch, keep the best weights, checkpoint; True when early stopping triggers.
+
+    The best epoch has the highest validation mAP, the later one on a tie (it trained longer on
+    the same evidence). Without validation every epoch is the newest best: the last one is kept.
+    Early stopping counts epochs since the mAP last rose, and needs evidence: validation, and an
+    mAP above 0 (a model that has not learnt anything yet is not stopped for failing to improve
+    on nothing).
+    """
     progress = run.progress
-    score = metrics.get("val_mAP", -float(stats["loss"]))  # no validation: lowest loss wins
-    improved = score > progress.best_map
+    score = metrics.get("val_mAP", 0.0)
+    improved = score >= progress.best_map
+    if score > progress.best_map:
+        progress.gain_epoch = epoch
     if improved:
         progress.best_map, progress.best_epoch = score, epoch
         checkpoint.save(run.out / BEST_CHECKPOINT, run.net.state_dict())
@@ -356,9 +386,9 @@ def record_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[st
     progress.next_epoch = epoch + 1
     save_checkpoint(run)
     _write_history(run.out / HISTORY_CSV, progress.history)
-    print(_summary_line(epoch, run.config.epochs, stats, metrics, improved), flush=True)
+    print(_summary_line(epoch, run.config.epochs, stats, metrics, improved and bool(metrics)), flush=True)
     patience = run.config.patience
-    if patience and epoch - progress.best_epoch >= patience:
+    if metrics and patience and progress.best_map > 0 and epoch - progress.gain_epoch >= patience:
         print(f"early stopping: no validation mAP gain for {patience} epochs", flush=True)
         return True
     return False
@@ -379,19 +409,43 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 def finish(run: Run) -> BundleInfo | None:
     """Reload the best epoch, calibrate thresholds, write the bundle, reports and plots.
 
-    Every rank takes part (validation is sharded); rank 0 alone writes.
+    Every rank takes part (validation is sharded); rank 0 alone writes. Without validation images
+    the bundle is complete all the same: the last epoch's weights, the default threshold, and a
+    report that says nothing was evaluated or calibrated.
     """
     run.net.load_state_dict(checkpoint.load(run.out / BEST_CHECKPOINT))
     validation = validate(run) if len(run.val_set) else None
     if not run.main:
         return None
     info = bundle_info(run)
+    header = report.provenance_lines(info.provenance)
     if validation:
-        info = _calibrate_and_report(run, info, *validation)
+        info = _calibrate_and_report(run, info, *validation, header)
+    else:
+        note = NO_VALIDATION.format(threshold=FALLBACK_THRESHOLD, epoch=len(run.progress.history))
+        info.threshold = FALLBACK_THRESHOLD
+        info.metrics = {"validation": None, "calibration": None, "notes": [note]}
+        report.write_reports(run.out, None, None, header=header, notes=[note])
+        plots.plot_history(run.out / HISTORY_CSV, run.out / PLOTS / "history.png")
+        print(note, flush=True)
     save_bundle(run.out, info, run.net.state_dict())
     config_yaml = run.config.to_yaml()
     atomic_write(run.out / CONFIG_YAML, lambda f: f.write(config_yaml.encode()))
     return info
+
+
+#: What a run without validation images says in its report and at the end of training.
+NO_VALIDATION = (
+    "no validation images (--val-fraction 0, or too few images for the split to hold one out): "
+    "nothing was evaluated or calibrated. The bundle keeps the last epoch ({epoch}) and the default "
+    "score threshold {threshold}; measure it with `evaluate RUN DATA --subset NAME` on annotated "
+    "images it was not trained on."
+)
+#: What a run whose best validation mAP is 0 says.
+NOT_LEARNT = (
+    "validation mAP is 0: the model has not learnt to find the objects yet. Train longer (--epochs), "
+    "start from pretrained weights, or check the labels; its thresholds mean nothing yet."
+)
 
 
 def bundle_info(run: Run) -> BundleInfo:
@@ -400,7 +454,7 @@ def bundle_info(run: Run) -> BundleInfo:
         architecture=config.arch, labels=list(run.data.labels), shape_type=run.spec.shape_type,
         min_size=run.sizing.image_size, max_size=run.sizing.max_size, anchors=run.sizing.anchors,
         detections_per_img=config.detections_per_img, tile_size=config.tile_size,
-        provenance=provenance(run),
+        structure=dict(run.point.structure), provenance=provenance(run),
     )
 
 
@@ -411,8 +465,10 @@ def provenance(run: Run) -> dict[str, Any]:
         "split": run.split.counts(),
         "split_options": run.split.options.to_dict(),
         "sizing": run.sizing.to_dict(),
+        "split_notes": dict(run.split.notes),
         "weights": {"kind": run.point.kind, "source": run.point.source},
         "parent_run": run.point.source if run.point.kind == "run" else None,
+        "parent": run.point.parent,
         "epochs_run": len(run.progress.history), "best_epoch": run.progress.best_epoch + 1,
         "config": asdict(run.config),
         "versions": {"cvat_detector": __version__, "torch": torch.__version__,
@@ -423,16 +479,20 @@ def provenance(run: Run) -> dict[str, Any]:
     }
 
 
-def _calibrate_and_report(run: Run, info: BundleInfo, gts: list[dict], preds: list[dict]) -> BundleInfo:
+def _calibrate_and_report(run: Run, info: BundleInfo, gts: list[dict], preds: list[dict],
+                          header: list[str]) -> BundleInfo:
     result = evaluate_detections(gts, preds, info.labels, max_dets=info.detections_per_img)
     calibration = calibrate_thresholds(gts, preds, info.labels)
+    notes = [NOT_LEARNT] if result.mAP <= 0 else []
     info.threshold = float(calibration.threshold)
     info.class_thresholds = {k: float(v) for k, v in calibration.class_thresholds.items()}
-    info.metrics = {"validation": result.to_dict(), "calibration": calibration.to_dict()}
-    report.write_reports(run.out, result, calibration)
+    info.metrics = {"validation": result.to_dict(), "calibration": calibration.to_dict(), "notes": notes}
+    report.write_reports(run.out, result, calibration, header=header, notes=notes)
     samples = [(run.val_set.image(i), preds[i], gts[i]) for i in range(min(4, len(preds)))]
     plots.write_plots(run.out, calibration, samples)
     print(report.format_table(result, calibration), flush=True)
+    for note in notes:
+        print(note, flush=True)
     return info
 
 
@@ -442,10 +502,11 @@ def _calibrate_and_report(run: Run, info: BundleInfo, gts: list[dict], preds: li
 def plan(run: Run) -> str:
     c = run.config
     devices = f"{run.world} x {run.device.type}" if run.world > 1 else str(run.device)
+    without = "" if len(run.val_set) else " (no validation images: every epoch runs, the last is kept)"
     return (
         f"training {c.arch} ({run.point.kind} weights) on {devices}: "
         f"{len(run.train_set)} train / {len(run.val_set)} val images, {len(run.data.labels)} labels, "
-        f"{anchors.describe_input(run.sizing)}, batch {c.batch_size}, up to {c.epochs} epochs, "
+        f"{anchors.describe_input(run.sizing)}, batch {c.batch_size}, up to {c.epochs} epochs{without}, "
         f"precision {run.precision.choice} -> {run.out}"
     )
 

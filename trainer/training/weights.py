@@ -4,6 +4,11 @@
 pre-filled cache works offline). ``--weights runs/OLD`` continues the annotate → train → correct →
 retrain loop: every parameter is kept, and class-dependent rows are mapped by label name so labels
 added since the old run start fresh while shared labels keep what they learnt.
+
+A retraining (and a weights file) is the same recipe as a first fine-tune, whatever the parent
+started from: the network is rebuilt in the structure torchvision gives a pretrained start (frozen
+batch norm where its builder freezes it, ``--trainable-backbone-layers`` or the builder's default),
+keeping the parent's SSDlite tail, and the parent's weights are loaded into it.
 """
 
 from __future__ import annotations
@@ -30,19 +35,25 @@ class StartingPoint:
     build_kwargs: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
     parent_labels: list[str] | None = None
-    parent: BundleInfo | None = None  # the previous run's description when retraining one
+    #: The network's structure (Architecture.structure), recorded in the bundle.
+    structure: dict[str, Any] = field(default_factory=dict)
+    #: What the new run records about its parent run (kind "run").
+    parent: dict[str, Any] | None = None
+    parent_info: BundleInfo | None = None  # the parent run's description (its sizes and anchors)
 
 
-def resolve(weights: str, arch: str) -> StartingPoint:
+def resolve(weights: str, arch: str, trainable_layers: int | None = None) -> StartingPoint:
+    """Where ``arch`` starts from; ``trainable_layers`` as ``--trainable-backbone-layers``."""
     spec = get_architecture(arch)
-    if weights == "none":
-        return StartingPoint("none")
-    if weights == "coco":
-        enum = tvm.get_model_weights(arch).DEFAULT
-        return StartingPoint("coco", str(enum), {"weights": enum})
-    if weights == "imagenet":
-        enum = tvm.get_model_weights(spec.backbone).DEFAULT
-        return StartingPoint("imagenet", str(enum), {"weights_backbone": enum})
+    if weights in ("none", "coco", "imagenet"):
+        structure = spec.structure(weights, trainable_layers)
+        if weights == "none":
+            return StartingPoint("none", structure=structure)
+        enum = tvm.get_model_weights(arch if weights == "coco" else spec.backbone).DEFAULT
+        build = {"weights" if weights == "coco" else "weights_backbone": enum}
+        if trainable_layers is not None:
+            build["trainable_backbone_layers"] = trainable_layers
+        return StartingPoint(weights, str(enum), build, structure=structure)
     path = Path(weights)
     if (path / MODEL_JSON).exists():
         info = load_info(path)
@@ -51,15 +62,40 @@ def resolve(weights: str, arch: str) -> StartingPoint:
                 f"--weights {weights}: that run is a {info.architecture}, not a {arch}; "
                 f"pass --arch {info.architecture} to retrain it"
             )
-        state = _load_state(path / WEIGHTS)
-        return StartingPoint("run", str(path.resolve()), state_dict=state, parent_labels=info.labels,
-                             parent=info)
+        structure = _fine_tune(spec, trainable_layers, info.structure)
+        return StartingPoint(
+            "run", str(path.resolve()), {"structure": structure}, state_dict=_load_state(path / WEIGHTS),
+            parent_labels=info.labels, structure=structure, parent=_parent_record(path, info),
+            parent_info=info,
+        )
     if path.is_file():
-        return StartingPoint("file", str(path.resolve()), state_dict=_load_state(path))
+        structure = _fine_tune(spec, trainable_layers, {})
+        return StartingPoint("file", str(path.resolve()), {"structure": structure},
+                             state_dict=_load_state(path), structure=structure)
     raise UserError(
         f"--weights {weights!r}: expected coco, imagenet, none, a previous run directory "
         "(with model.json) or a weights file"
     )
+
+
+def _parent_record(path: Path, info: BundleInfo) -> dict[str, Any]:
+    """What a retraining records of its parent: which run, when, from which annotations, and its
+    own parent (so the chain of the loop can be read back)."""
+    saved = info.provenance
+    return {
+        "run": str(path.resolve()),
+        "created": saved.get("created"),
+        "weights": saved.get("weights", {}).get("kind"),
+        "sources": saved.get("data", {}).get("sources"),
+        "server": saved.get("data", {}).get("server"),
+        "parent": saved.get("parent"),
+    }
+
+
+def _fine_tune(spec, trainable_layers: int | None, parent: dict[str, Any]) -> dict[str, Any]:
+    """A first fine-tune's structure, with the parent's SSDlite tail (its weights have that shape)."""
+    start = "imagenet" if parent.get("reduced_tail") is False else "coco"
+    return spec.structure(start, trainable_layers)
 
 
 def build_from(point: StartingPoint, arch: str, labels: list[str], **model_kwargs: Any):
@@ -89,8 +125,14 @@ def load_remapped(
     class_params: re.Pattern,
     source: str = "weights",
 ) -> None:
-    """Load ``state`` into ``model``; class-dependent tensors are mapped row by row by label name."""
+    """Load ``state`` into ``model``; class-dependent tensors are mapped row by row by label name.
+
+    Batch norm's ``num_batches_tracked`` counters are not weights: FrozenBatchNorm2d has none, so a
+    parent with trainable batch norm loads into a frozen one and back.
+    """
     target = model.state_dict()
+    state = {k: v for k, v in state.items() if k in target or not k.endswith(_COUNTER)}
+    state |= {k: v for k, v in target.items() if k.endswith(_COUNTER) and k not in state}
     unknown = sorted(set(state) - set(target))
     missing = sorted(set(target) - set(state))
     if unknown or missing:
@@ -109,6 +151,9 @@ def load_remapped(
         else:
             target[key] = old
     model.load_state_dict(target)
+
+
+_COUNTER = ".num_batches_tracked"
 
 
 def _remap_rows(key: str, old: torch.Tensor, new: torch.Tensor, mapping: list, n_old: int):

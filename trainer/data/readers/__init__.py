@@ -17,7 +17,13 @@ from trainer.data.readers.cvat_xml import read_cvat_xml
 from trainer.data.readers.detect import detect
 from trainer.data.readers.identity import assign_sources
 from trainer.data.readers.images import resolve_images
-from trainer.data.readers.labels import label_classes, label_mapping, select
+from trainer.data.readers.labels import (
+    drop_unvalidated,
+    label_classes,
+    label_mapping,
+    merge_unvalidated,
+    select,
+)
 from trainer.data.readers.parsed import ParsedExport, gc_paused
 from trainer.data.readers.summary import format_summary
 from trainer.data.records import DetectionData
@@ -47,6 +53,8 @@ def load_dataset(
     keep_empty: bool = False,
     skip_missing: bool = False,
     cache_dir: str | Path | None = None,
+    unvalidated_suffix: str = "",
+    include_unvalidated: bool = False,
 ) -> DetectionData:
     """Read and merge ``sources`` into one dataset of images named by their identity.
 
@@ -54,13 +62,20 @@ def load_dataset(
     no object (tag, skeleton, nothing drawn) are no classes (``not_classes`` says why). Images
     without objects are dropped unless ``keep_empty``; missing image files are an error unless
     ``skip_missing``. Zips are extracted once into ``cache_dir`` (default: see
-    :func:`default_cache_dir`).
+    :func:`default_cache_dir`). Labels ending in ``unvalidated_suffix`` hold unvalidated
+    pre-annotations: left out with the images holding them, or with ``include_unvalidated`` read as
+    their label without the suffix (:mod:`trainer.data.readers.labels`).
     """
     if not sources:
         raise UserError("no data given: name at least one CVAT export (zip or folder)")
     with gc_paused():
         exports = [read_export(s, cache_dir) for s in sources]
+        if unvalidated_suffix and not include_unvalidated:
+            for export in exports:
+                drop_unvalidated(export, unvalidated_suffix)
         classes, not_classes = label_classes(exports)
+        if unvalidated_suffix and include_unvalidated:
+            merge = merge_unvalidated(classes, merge, unvalidated_suffix)
         order, mapping = label_mapping(classes, labels, merge, not_classes)
         data = DetectionData(labels=order, images=[], sources=[e.source for e in exports],
                              not_classes=not_classes)  # fmt: skip

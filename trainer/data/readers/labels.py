@@ -4,6 +4,11 @@ A label is a model class only when it holds at least one object. Every CVAT expo
 labels, skeleton labels and their points beside the others (and COCO cannot tell a tag label from
 an unused one), so those, and labels whose every shape was skipped, never reach the model, its
 bundle or the function's spec; ``inspect`` lists them with the reason.
+
+Pre-annotations that ``predict --nv`` wrote (labels ending in a suffix, "_NV") are model output
+nobody validated yet. By default they are left out, and so is every image still holding one: its
+validation is unfinished, and training on its other objects alone would teach that the objects
+under the pre-annotations are background. Included, they count as their label without the suffix.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from trainer.data.readers.parsed import (
     NO_OBJECTS,
     NOT_SELECTED,
     UNANNOTATED,
+    UNFINISHED,
     UNSELECTED,
+    UNVALIDATED,
     ParsedExport,
     all_skipped,
 )
@@ -115,3 +122,42 @@ def _relabel(shapes: list, mapping: dict[str, str | None], export: ParsedExport)
             shape.label = new
             kept.append(shape)
     return kept
+
+
+def drop_unvalidated(export: ParsedExport, suffix: str) -> None:
+    """Leave out shapes whose label ends in ``suffix``, the images holding them and the labels."""
+    kept: list[ImageRecord] = []
+    for im in export.images:
+        unvalidated = sum(1 for s in im.shapes if s.label.endswith(suffix))
+        if unvalidated:
+            export.skipped[UNVALIDATED.format(suffix=suffix)] += unvalidated
+            export.skipped[UNFINISHED] += 1
+        else:
+            kept.append(im)
+    export.images = kept
+    export.labels = [name for name in export.labels if not name.endswith(suffix)]
+    for table in (export.label_kinds, export.label_skips):
+        for name in [n for n in table if n.endswith(suffix)]:
+            del table[name]
+
+
+def merge_unvalidated(
+    known: list[str], merge: dict[str, list[str]] | None, suffix: str
+) -> dict[str, list[str]]:
+    """``merge`` extended so that every "X<suffix>" label counts as X (or as what X merges into)."""
+    merged = {new: list(olds) for new, olds in (merge or {}).items()}
+    for name in known:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            base = name[: -len(suffix)]
+            target = next((new for new, olds in merged.items() if base in olds), base)
+            merged.setdefault(target, []).append(name)
+    return merged
+
+
+def unvalidated_note(skipped: dict[str, int], suffix: str) -> str | None:
+    """One line saying how many unvalidated pre-annotations were left out, or None."""
+    shapes, images = skipped.get(UNVALIDATED.format(suffix=suffix), 0), skipped.get(UNFINISHED, 0)
+    if not shapes:
+        return None
+    return (f"left out {shapes} unvalidated pre-annotation(s) (labels ending in {suffix}) and the "
+            f"{images} image(s) holding them; --include-unvalidated uses them")

@@ -21,6 +21,8 @@ ROTATED = "rotated box (trained on its envelope)"
 CLIPPED = "shape clipped to the image"
 GROUPED = "grouped shapes merged into one object"
 NO_IMAGES = "image not in the export (annotations only)"
+UNVALIDATED = "unvalidated pre-annotation (label suffix {suffix})"
+UNFINISHED = "image still holding unvalidated pre-annotations"
 # Why a label of an export is no model class (DetectionData.not_classes).
 TAG_LABEL = "tag label (whole-image tags, no objects)"
 SKELETON_LABEL = "skeleton label (keypoints, no boxes)"
