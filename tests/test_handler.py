@@ -123,22 +123,52 @@ def _sixteen_bit_tiff(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(
-    "encode",
-    [
-        lambda a: _encode(a, "JPEG", quality=90),
-        lambda a: _encode(a, "PNG"),
-        lambda a: _encode(a, "PNG", mode="RGBA"),
-        lambda a: _encode(a, "PNG", mode="L"),
-        lambda a: _encode(a, "BMP"),
-        _sixteen_bit_tiff,
-    ],
-    ids=["jpeg", "png", "rgba", "grayscale", "bmp", "tiff16"],
-)
-def test_every_frame_kind_gives_contract_shapes(platform, encode):
-    status, shapes = call(platform, {"image": _b64(encode(_frame())), "threshold": 0.0})
+def _stored(data: bytes) -> np.ndarray:
+    """The pixels a file holds, as Pillow reads them without any conversion."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def _as_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+class _Spy(torch.nn.Module):
+    """The bundle's network, recording each image it is given as the uint8 frame it came from."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, images: list[torch.Tensor]) -> Any:
+        self.seen += [(i * 255).round().to(torch.uint8).permute(1, 2, 0).numpy() for i in images]
+        return self.net(images)
+
+
+#: Frame kinds: how the frame (an RGB array) is written, and what the network must then receive,
+#: computed from the array and the stored pixels, not by the decoder.
+FRAME_KINDS = {
+    "jpeg": (lambda a: _encode(a, "JPEG", quality=90), lambda a, data: _stored(data)),
+    "png": (lambda a: _encode(a, "PNG"), lambda a, data: a),
+    "rgba": (lambda a: _encode(a, "PNG", mode="RGBA"), lambda a, data: a),  # opaque alpha
+    "grayscale": (lambda a: _encode(a, "PNG", mode="L"), lambda a, data: _as_rgb(_stored(data))),
+    "bmp": (lambda a: _encode(a, "BMP"), lambda a, data: a),
+    "tiff16": (_sixteen_bit_tiff, lambda a, data: _as_rgb(a[..., 0])),  # v * 257 scales back to v
+}
+
+
+@pytest.mark.parametrize("kind", FRAME_KINDS)
+def test_every_frame_kind_gives_contract_shapes(platform, kind, monkeypatch):
+    encode, expected = FRAME_KINDS[kind]
+    detector = _context(platform).user_data.detector
+    spy = _Spy(detector.model)
+    monkeypatch.setattr(detector, "model", spy)
+    data = encode(_frame())
+    status, shapes = call(platform, {"image": _b64(data), "threshold": 0.0})
     assert status == 200 and shapes
     assert_cvat_shapes(shapes, W, H, LABELS)
+    (seen,) = spy.seen
+    assert np.array_equal(seen, expected(_frame(), data))
 
 
 def test_exif_rotated_frame_is_answered_in_displayed_coordinates(platform, bundle):
