@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-gpu gpu-wheels gpu-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,25 @@ test: $(STAMP)
 
 bench: $(STAMP) .venv-bench/.installed
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The GPU suite (docs/benchmarks.md). It runs from a bare Python with torch: gpu-wheels downloads the
+# other packages it needs that such a machine lacks, for Python 3.12 on x86_64, into .whl/; gpu-data
+# copies the BCCD export into .bccd/. Both folders are ignored by git and carried to the GPU machine.
+GPU_WHEELS := nuclio-sdk==0.6.3 faster-coco-eval==1.8.0
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+BCCD_ZIP ?= ../shared/datasets/bccd/bccd_cvat11.zip
+
+bench-gpu:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash benchmarks/gpu_suite.sh
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+
+gpu-data:
+	mkdir -p .bccd
+	cp $(BCCD_ZIP) .bccd/bccd_cvat11.zip
 
 clean:
 	rm -rf demo_out .pytest_cache .ruff_cache

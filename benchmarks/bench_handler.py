@@ -110,41 +110,59 @@ def cvat_style(model: torch.nn.Module, device: torch.device, body: dict) -> str:
     return json.dumps(results)
 
 
-def bench_device(bundle: Path, device: torch.device, repeats: int) -> None:
-    gpu = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
-    print(f"\n== {device.type}: {name}")
-    os.environ.update(CVAT_DETECTOR_BUNDLE=str(bundle), CVAT_DETECTOR_DEVICE=device.type)
+def start_function(bundle: Path, device: torch.device) -> tuple[nuclio_sdk.Context, float]:
+    """The function's context after ``init_context`` (as Nuclio starts a worker), and its seconds."""
+    os.environ.update(CVAT_DETECTOR_BUNDLE=str(bundle), CVAT_DETECTOR_DEVICE=str(device))
     platform = Platform()
     context = nuclio_sdk.Context(platform.context.logger, platform)
     start = time.perf_counter()
     function.init_context(context)
-    seconds = time.perf_counter() - start
+    return context, time.perf_counter() - start
+
+
+def measure_frame(
+    context: nuclio_sdk.Context, reference: torch.nn.Module, device: torch.device, data: bytes, repeats: int
+) -> dict[str, float]:
+    """Medians of ``repeats`` runs after one warm-up: the handler end to end, the bare forward inside
+    it, and the CVAT-style function, taking turns. ``context``'s detector model must be TimedForward."""
+    gpu = device.type == "cuda"
+    timed = context.user_data.detector.model
+    body = {"image": base64.b64encode(data).decode("ascii"), "threshold": 0.0}
+    event = nuclio_sdk.Event(body=body, content_type="application/json")
+    shapes = json.loads(function.handler(context, event).body)  # warm-up
+    cvat_style(reference, device, body)
+    handler, forward, cvat = [], [], []
+    for _ in range(repeats):
+        timed.seconds = 0.0
+        handler.append(timed_ms(lambda event=event: function.handler(context, event), gpu))
+        forward.append(timed.seconds * 1000)
+        cvat.append(timed_ms(lambda body=body: cvat_style(reference, device, body), gpu))
+    return {
+        "shapes": len(shapes),
+        "handler_ms": statistics.median(handler),
+        "forward_ms": statistics.median(forward),
+        "overhead": statistics.median((h - f) / h for h, f in zip(handler, forward, strict=True)),
+        "cvat_ms": statistics.median(cvat),
+    }
+
+
+def bench_device(bundle: Path, device: torch.device, repeats: int) -> None:
+    gpu = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
+    print(f"\n== {device.type}: {name}")
+    context, seconds = start_function(bundle, device)
     print(f"init_context (load + warm-up): {seconds:.1f} s (readiness limit 120 s)")
     detector = context.user_data.detector
-    timed = detector.model = TimedForward(detector.model, gpu)
+    detector.model = TimedForward(detector.model, gpu)
     reference = load_model(bundle, device)[1]  # its own fp32 copy of the same weights
-
     for label, (hw, fmt) in FRAMES.items():
         data = make_frame(hw, fmt)
-        body = {"image": base64.b64encode(data).decode("ascii"), "threshold": 0.0}
-        event = nuclio_sdk.Event(body=body, content_type="application/json")
-        shapes = json.loads(function.handler(context, event).body)  # warm-up
-        cvat_style(reference, device, body)
-        handler, forward, cvat = [], [], []
-        for _ in range(repeats):
-            timed.seconds = 0.0
-            handler.append(timed_ms(lambda event=event: function.handler(context, event), gpu))
-            forward.append(timed.seconds * 1000)
-            cvat.append(timed_ms(lambda body=body: cvat_style(reference, device, body), gpu))
-        overhead = statistics.median((h - f) / h for h, f in zip(handler, forward, strict=True))
-        handler_ms, forward_ms = statistics.median(handler), statistics.median(forward)
-        cvat_ms = statistics.median(cvat)
+        m = measure_frame(context, reference, device, data, repeats)
         print(
-            f"{label} ({len(data) / 1e6:.1f} MB, {len(shapes)} shapes): "
-            f"handler {handler_ms:.0f} ms, bare forward {forward_ms:.0f} ms "
-            f"-> overhead {overhead:.1%}{'' if gpu else ' (goal < 10%)'}; "
-            f"CVAT-style {cvat_ms:.0f} ms -> handler is {cvat_ms / handler_ms:.2f}x faster"
+            f"{label} ({len(data) / 1e6:.1f} MB, {m['shapes']} shapes): "
+            f"handler {m['handler_ms']:.0f} ms, bare forward {m['forward_ms']:.0f} ms "
+            f"-> overhead {m['overhead']:.1%}{'' if gpu else ' (goal < 10%)'}; "
+            f"CVAT-style {m['cvat_ms']:.0f} ms -> handler is {m['cvat_ms'] / m['handler_ms']:.2f}x faster"
             f"{' (goal >= 2x)' if gpu else ''}"
         )
 

@@ -4,8 +4,8 @@ Both sides train the same model on the same generated images with the same batch
 number of iterations, in this process, one after the other. The baseline follows
 ``references/detection``: PIL decode → float32 tensor in the DataLoader, plain shuffled batches,
 fp32 forward/backward, ``.to(device)`` of float images. ``trainer`` keeps images uint8 until the
-device, groups batches by aspect ratio, pins memory, keeps workers alive, and uses bf16/fp16 autocast
-on GPU. Prints images/s for each and the ratio.
+device, groups batches by aspect ratio, pins memory, keeps workers alive, and autocasts on GPU in the
+dtype serverless.precision chooses. Prints images/s for each and the ratio.
 
     python benchmarks/bench_train.py                # CPU, small network
     python benchmarks/bench_train.py --device cuda --arch fasterrcnn_resnet50_fpn_v2 --size 800
@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from serverless.architectures import build_model
 from trainer.data.readers import load_dataset
+from trainer.data.records import DetectionData
 from trainer.data.synth import generate
 from trainer.training.config import TrainConfig
 from trainer.training.dataset import DetectionDataset, GroupedBatchSampler, collate
@@ -78,9 +79,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        export = generate(Path(tmp), seed=0, train=args.images, val=0, empty=0, size=(640, 480),
-                          formats=("cvat",))["cvat"]
-        data = load_dataset([export], cache_dir=Path(tmp) / "cache")
+        data = make_data(Path(tmp), args.images)
         print(f"{args.arch} at {args.size}px, {len(data.images)} images 640x480, batch {args.batch_size}, "
               f"{args.workers} workers, device {device}"
               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -89,6 +88,12 @@ def main() -> None:
     print(f"reference loop (fp32, float images) : {ref:8.2f} images/s")
     print(f"trainer loop                        : {ours:8.2f} images/s")
     print(f"ratio trainer / reference           : {ours / ref:8.2f}x")
+
+
+def make_data(folder: Path, images: int, size: tuple[int, int] = (640, 480)) -> DetectionData:
+    """``images`` generated annotated images, read as training reads a CVAT export."""
+    export = generate(folder, seed=0, train=images, val=0, empty=0, size=size, formats=("cvat",))["cvat"]
+    return load_dataset([export], cache_dir=folder / "cache")
 
 
 def _model(args, data, device):
@@ -115,7 +120,7 @@ def run_trainer(args, data, device) -> float:
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=1e-4)
     scheduler = make_scheduler(TrainConfig(epochs=args.epochs + 1), optimizer, len(loader))
-    precision = Precision(device, enabled=True)
+    precision = Precision(device)
     rates = []
     for epoch in range(args.epochs + 1):
         sampler.set_epoch(epoch)

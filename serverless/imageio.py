@@ -8,7 +8,7 @@ in a request. An image that trains as X is served as X.
 from __future__ import annotations
 
 import io
-import warnings
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +16,57 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serverless.errors import ImageDecodeError
 
-#: Largest frame accepted, in pixels (about 16k x 16k). Larger is refused as a likely decompression bomb.
+#: Largest frame accepted by default, in pixels (16384 x 16384): larger is refused before decoding.
 MAX_PIXELS = 268_435_456
+#: The environment variable that sets the limit (the trainer's --max-pixels sets it per command).
+MAX_PIXELS_ENV = "CVAT_DETECTOR_MAX_PIXELS"
+# The pixel limit is ours alone, checked from the header before anything is decoded. Pillow's own
+# decompression-bomb limits (a warning above 89 MP, an error above 179 MP at open) would otherwise
+# refuse, or trace back on, whole-slide images the user has allowed.
+Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes to an HxWx3 uint8 RGB array, EXIF orientation applied."""
+def pixel_limit(value: int | None = None) -> int:
+    """The pixel limit in force: ``value`` when given, else $CVAT_DETECTOR_MAX_PIXELS, else
+    :data:`MAX_PIXELS`. Raises ValueError naming the variable when it is not a positive integer."""
+    if value is not None:
+        return value
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                _check_size(img, source, max_pixels)
-                img = ImageOps.exif_transpose(img)
-                return to_rgb8(img)
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ValueError(f"environment variable {MAX_PIXELS_ENV}: expected a positive integer, got {raw!r}")
+    return limit
+
+
+def over_limit_message(source: str, width: int, height: int, limit: int) -> str:
+    """One line naming the image, its size, the limit and how to raise it."""
+    return (
+        f"{source}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
+        f"pixels; to allow it, pass --max-pixels {width * height} or set {MAX_PIXELS_ENV}={width * height}"
+    )
+
+
+def decode_image(data: bytes, source: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes to an HxWx3 uint8 RGB array, EXIF orientation applied.
+
+    Images over ``max_pixels`` (default: :func:`pixel_limit`) are refused from their header,
+    before any pixel is decoded.
+    """
+    limit = pixel_limit(max_pixels)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_size(img, source, limit)
+            ImageOps.exif_transpose(img, in_place=True)  # not in place, it copies an upright frame
+            return to_rgb8(img)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{source}: image is too large ({exc})") from exc
+    except MemoryError as exc:
+        raise ImageDecodeError(f"{source}: not enough memory to decode the image") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(
             f"{source}: not a readable image (expected JPEG, PNG, TIFF or BMP bytes, "
@@ -42,7 +76,7 @@ def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXEL
         raise ImageDecodeError(f"{source}: not a readable image (truncated or corrupt: {exc})") from exc
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file with :func:`decode_image`."""
     path = Path(path)
     try:
@@ -53,19 +87,27 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as CVAT reports it: after EXIF orientation, without decoding pixels."""
+    """(width, height) as CVAT reports it: after EXIF orientation, without decoding pixels.
+
+    A PNG's ``getexif`` decodes the whole image to look for an eXIf chunk after the pixel data
+    (minutes for a whole slide), so a PNG's EXIF is taken from the chunks before them only.
+    """
     with Image.open(path) as img:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        if img.format == "PNG":
+            exif = Image.Exif()
+            if "exif" in img.info:
+                exif.load(img.info["exif"])
+        else:
+            exif = img.getexif()
+        orientation = exif.get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _check_size(img: Image.Image, source: str, max_pixels: int) -> None:
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageDecodeError(
-            f"{source}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}"
-        )
+        raise ImageDecodeError(over_limit_message(source, w, h, max_pixels))
 
 
 def to_rgb8(img: Image.Image) -> np.ndarray:

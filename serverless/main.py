@@ -12,6 +12,10 @@ Settings (environment, ``spec.env`` in function.yaml):
 - ``CVAT_DETECTOR_BUNDLE``: the bundle directory; default ``bundle`` beside the ``serverless``
   package, which is ``/opt/nuclio/bundle`` in a function made by ``python -m trainer package``.
 - ``CVAT_DETECTOR_DEVICE``: ``auto`` (default: the GPU when one is visible), ``cuda:1``, ``cpu``.
+- ``CVAT_DETECTOR_PRECISION``: ``auto`` (default: bf16 on GPUs of compute capability 8.0+, fp16 on
+  7.x, else fp32; :mod:`serverless.precision`), ``bf16``, ``fp16``, ``off`` (fp32).
+- ``CVAT_DETECTOR_GPU_JPEG``: ``auto`` (default: JPEG frames are decoded on the GPU where that gives
+  the shared decoder's pixels; :mod:`serverless.gpu_jpeg`) or ``off``.
 - ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
 """
 
@@ -30,12 +34,15 @@ from typing import Any
 import torch
 
 from serverless.cvat_shapes import to_cvat_shapes
-from serverless.detector import Detector
-from serverless.imageio import MAX_PIXELS, ImageDecodeError, decode_image
+from serverless.detector import Detector, frame_size
+from serverless.gpu_jpeg import SUBSAMPLINGS, FrameDecoder
+from serverless.imageio import ImageDecodeError, pixel_limit
+from serverless.precision import MODES
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
 DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
-MAX_PIXELS_ENV = "CVAT_DETECTOR_MAX_PIXELS"
+PRECISION_ENV = "CVAT_DETECTOR_PRECISION"
+GPU_JPEG_ENV = "CVAT_DETECTOR_GPU_JPEG"
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 
 _EXPECTED = 'expected a JSON object {"image": "<base64 of the frame file>", "threshold": 0.5}'
@@ -54,12 +61,16 @@ class Request:
 def init_context(context: Any) -> None:
     """Load the bundle once per worker, on the GPU when present, and warm it up."""
     bundle = Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
-    max_pixels = _env_int(MAX_PIXELS_ENV, MAX_PIXELS)
+    max_pixels = pixel_limit()
+    precision = _env_choice(PRECISION_ENV, MODES)
+    gpu_jpeg = _env_choice(GPU_JPEG_ENV, ("auto", "off"))
     start = time.perf_counter()
-    detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto")
+    detector = Detector(bundle, os.environ.get(DEVICE_ENV) or "auto", precision)
     loaded = time.perf_counter()
     detector.warmup()
+    decoder = FrameDecoder(detector.device, enabled=gpu_jpeg == "auto")
     context.user_data.detector = detector
+    context.user_data.decoder = decoder
     context.user_data.max_pixels = max_pixels
     device = detector.device
     context.logger.info_with(
@@ -70,6 +81,8 @@ def init_context(context: Any) -> None:
         shape_type=detector.info.shape_type,
         device=str(device),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        precision=str(detector.precision),
+        gpu_jpeg=[SUBSAMPLINGS[code] for code in sorted(decoder.subsamplings)] or "off",
         load_s=round(loaded - start, 2),
         warmup_s=round(time.perf_counter() - loaded, 2),
     )
@@ -80,7 +93,7 @@ def handler(context: Any, event: Any) -> Any:
     start = time.perf_counter()
     try:
         request = parse_request(event.body)
-        image = decode_image(request.image, "image", context.user_data.max_pixels)
+        image = context.user_data.decoder.decode(request.image, "image", context.user_data.max_pixels)
         shapes = to_cvat_shapes(context.user_data.detector.detect(image, request.threshold))
     except (BadRequest, ImageDecodeError) as exc:
         context.logger.warn_with("request rejected", error=str(exc))
@@ -91,10 +104,11 @@ def handler(context: Any, event: Any) -> Any:
         )
         error = f"internal error ({type(exc).__name__}); the function log has the details"
         return _response(context, {"error": error}, 500)
+    height, width = frame_size(image)
     context.logger.debug_with(
         "frame done",
-        width=image.shape[1],
-        height=image.shape[0],
+        width=width,
+        height=height,
         shapes=len(shapes),
         ms=round((time.perf_counter() - start) * 1000, 1),
     )
@@ -142,16 +156,11 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {reprlib.repr(value)}"
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"environment variable {name}: expected a positive integer, got {raw!r}")
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable's value, one of ``choices``; unset or empty is the first."""
+    value = os.environ.get(name) or choices[0]
+    if value not in choices:
+        raise ValueError(f"environment variable {name}: expected one of {', '.join(choices)}, got {value!r}")
     return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from tests.factories import make_bundle
 
 
 class BrightBlobs(torch.nn.Module):
-    """Stands in for a detector: one 'cell' box (and mask) around the bright pixels of each input.
+    """Stands in for a detector: one 'cell' box (and mask) around the bright pixels (red > 0.9) of
+    each object in each input; an object's pixels share their green value.
 
     ``max_side``: inputs larger than this see nothing (an object too small for the full frame).
     ``oom_pixels``: inputs with more pixels raise CUDA's out-of-memory error."""
@@ -34,17 +36,20 @@ class BrightBlobs(torch.nn.Module):
             self.seen.append((w, h))
             if self.oom_pixels and w * h > self.oom_pixels:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-            on = image[0] > 0.9
+            bright = image[0] > 0.9
             if self.max_side and max(w, h) > self.max_side:
-                on = torch.zeros_like(on)
-            ys, xs = torch.nonzero(on, as_tuple=True)
-            n = int(len(xs) > 0)
-            box = [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]] if n else []
+                bright = torch.zeros_like(bright)
+            ons = [bright & (image[1] == g) for g in image[1][bright].unique()]
+            boxes = []
+            for on in ons:
+                ys, xs = torch.nonzero(on, as_tuple=True)
+                boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            n = len(ons)
             outputs.append({
-                "boxes": torch.tensor(box, dtype=torch.float32).reshape(n, 4),
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
                 "scores": torch.full((n,), 0.9),
                 "labels": torch.ones(n, dtype=torch.int64),
-                "masks": on[None, None].float()[:n],
+                "masks": torch.stack(ons)[:, None].float() if n else torch.zeros(0, 1, h, w),
             })  # fmt: skip
         return outputs
 
@@ -64,9 +69,10 @@ def _tiled(bundle: Path, model: torch.nn.Module, tile: int = 128, overlap: int =
 
 
 def _scene(*boxes: tuple[int, int, int, int], w: int = 300, h: int = 200) -> np.ndarray:
+    """Black frame with white objects; an object after the first is told apart by its green."""
     frame = np.zeros((h, w, 3), dtype=np.uint8)
-    for x0, y0, x1, y1 in boxes:
-        frame[y0:y1, x0:x1] = 255
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        frame[y0:y1, x0:x1] = (255, 255 - k, 255)
     return frame
 
 
@@ -83,6 +89,16 @@ def test_public_api_returns_sorted_detections_in_image_pixels(bundle):
     assert (det.boxes[:, 1::2] >= 0).all() and (det.boxes[:, 1::2] <= 70).all()
     assert (np.diff(det.scores) <= 0).all() and set(det.labels) <= {"cell", "debris"}
     assert len(detector.detect(image, threshold=1.0)) == 0
+
+
+def test_a_decoded_tensor_frame_gives_what_its_array_gives(bundle):
+    """Frames decoded on the GPU reach detect as 3xHxW uint8 tensors."""
+    detector = Detector(bundle, device="cpu")
+    image = np.random.default_rng(3).integers(0, 255, (70, 110, 3), dtype=np.uint8)
+    from_array = detector.detect(image, threshold=0.0)
+    from_tensor = detector.detect(torch.from_numpy(image).permute(2, 0, 1).contiguous(), threshold=0.0)
+    assert len(from_array) > 0 and from_tensor.labels == from_array.labels
+    np.testing.assert_array_equal(from_tensor.boxes, from_array.boxes)
 
 
 @pytest.mark.parametrize("tile, overlap", [(128, 48), (64, 0), (100, 99), (512, 128)])
@@ -138,15 +154,72 @@ def test_out_of_memory_on_every_window_is_raised_on_a_cpu_detector(bundle):
         detector.detect(_scene((20, 20, 60, 50)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_out_of_memory_falls_back_to_the_cpu(bundle):
-    detector = Detector(bundle, "cuda")
+class FailsFirst(BrightBlobs):
+    """Runs out of memory on its first call after making a tensor, as a real forward pass would;
+    then records which tensors of that failed attempt are still alive on each later call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: list[weakref.ref] = []
+        self.alive_later: list[list[bool]] = []
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if not self.failed:
+            features = torch.ones(64, 64)
+            self.failed = [weakref.ref(features), weakref.ref(images[0])]
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.alive_later.append([ref() is not None for ref in self.failed])
+        return super().forward(images)
+
+
+def test_the_retry_runs_after_the_failed_attempt_released_its_tensors(bundle):
+    model = FailsFirst()
+    det = _tiled(bundle, model).detect(_scene((20, 20, 60, 50)))
+    assert model.alive_later and not any(any(alive) for alive in model.alive_later)
+    assert det.boxes.tolist() == [[20, 20, 60, 50]]
+
+
+def _on_fake_gpu(detector: Detector, model: torch.nn.Module, monkeypatch) -> Detector:
+    """The detector believes it runs ``model`` on a GPU; frames stay on the host."""
+    detector.device, detector.model = torch.device("cuda"), model
+    monkeypatch.setattr(detector, "_upload", lambda image, device: torch.from_numpy(image).permute(2, 0, 1))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return detector
+
+
+@pytest.mark.parametrize("tile", [None, 128])
+def test_gpu_out_of_memory_falls_back_to_the_cpu(bundle, monkeypatch, caplog, tile):
     image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
-    expected = Detector(bundle, "cpu").detect(image, 0.0)
-    detector.model = BrightBlobs(oom_pixels=1)
-    det = detector.detect(image, 0.0)
-    assert det.labels == expected.labels
+    expected = _tiled(bundle, Detector(bundle, "cpu").model, tile=tile).detect(image, 0.0)
+    gpu = BrightBlobs(oom_pixels=1)  # every window fails
+    detector = _on_fake_gpu(_tiled(bundle, gpu, tile=tile), gpu, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="serverless.detector"):
+        det = detector.detect(image, 0.0)
+    assert gpu.seen == [(300, 200)] + ([(128, 128)] if tile else [])  # the frame, then one tile
+    assert "running it on the CPU" in caplog.text
+    assert len(det) > 0 and det.labels == expected.labels
     np.testing.assert_allclose(det.boxes, expected.boxes, atol=1e-3)
+
+
+def test_a_tile_only_retry_returns_one_large_object_once(bundle):
+    model = BrightBlobs(oom_pixels=128 * 128)  # no full-frame pass: 8 tiles each see a part
+    det = _tiled(bundle, model).detect(_scene((15, 55, 285, 145)))  # 270x90
+    assert len(model.seen) == 1 + 8
+    assert det.boxes.tolist() == [[15, 55, 285, 145]] and det.labels == ["cell"]
+    assert det.mask_boxes == [(15, 55, 284, 144)] and det.masks[0].shape == (90, 270)
+    assert det.masks[0].all()
+
+
+def test_neighbouring_large_objects_of_one_class_stay_apart_in_tiles(bundle):
+    model = BrightBlobs(oom_pixels=128 * 128)
+    det = _tiled(bundle, model).detect(_scene((10, 60, 130, 100), (132, 60, 290, 100)))
+    assert sorted(det.boxes.tolist()) == [[10, 60, 130, 100], [132, 60, 290, 100]]
+
+
+def test_fragments_join_across_tiles_that_only_touch(bundle):
+    model = BrightBlobs(max_side=128)  # the full frame misses it; tiles 0-128 and 128-256 meet
+    det = _tiled(bundle, model, tile=128, overlap=0).detect(_scene((40, 30, 220, 70), w=256, h=100))
+    assert det.boxes.tolist() == [[40, 30, 220, 70]]
 
 
 def test_real_tiled_inference_stays_in_the_frame(bundle, tmp_path):

@@ -68,6 +68,21 @@ def test_coco_rle_decodes_compressed_and_uncompressed_alike():
         decode_coco_rle({"counts": counts, "size": [4, 3]}, 4, 3)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_coco_rle_window_decodes_any_mask_exactly(seed):
+    """Decoded only where its runs are (a whole-slide RLE costs its object, not the slide), yet the
+    same pixels as pycocotools' own decoder of the compressed form."""
+    rng = np.random.default_rng(seed)
+    full = np.zeros((23, 37), dtype=bool)
+    full[rng.integers(0, 23) :, rng.integers(0, 37) : rng.integers(0, 37) + 3] = True
+    full[0, 0] = seed % 2 == 0  # runs that start with ones, and runs that do not
+    compressed = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))
+    assert (mask_utils.decode(compressed).astype(bool) == full).all()
+    text = {"counts": compressed["counts"].decode(), "size": [23, 37]}
+    assert (decode_coco_rle(text, 37, 23) == full).all()
+    assert not decode_coco_rle({"counts": [23 * 37], "size": [23, 37]}, 37, 23).any()
+
+
 @pytest.mark.parametrize(
     ("degrees", "expected"),
     [

@@ -12,7 +12,7 @@ import pytest
 from faster_coco_eval.core import mask as mask_utils
 
 from trainer.commands import main
-from trainer.data.synth import coco_rle, cvat_rle, generate
+from trainer.data.synth import KINDS, coco_rle, cvat_rle, generate
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -112,3 +112,18 @@ def test_cli_writes_both_formats_and_prints_counts(tmp_path, capsys):
     assert (tmp_path / "synth_cvat11" / "annotations.xml").is_file()
     assert (tmp_path / "synth_coco10" / "annotations" / "instances_Train.json").is_file()
     assert "images: 4 (3 with objects)" in out
+
+
+def test_groups_are_written_to_coco_as_cvats_exporter_merges_them():
+    """datumaro's find_instance_parts: the largest part (polygon shoelace 28 x 18 = 504 > box 200)
+    gives the category; the bbox is the union of the group's boxes; polygons are the outline."""
+    from trainer.data.synth import _Ann, _coco_instances, _Image
+
+    ring = [12.0, 12.0, 40.0, 12.0, 40.0, 30.0, 12.0, 30.0]
+    anns = [_Ann("rectangle", "circle", [10.0, 10.0, 30.0, 20.0], group=1),
+            _Ann("polygon", "square", ring, group=1), _Ann("rectangle", "circle", [50.0, 50.0, 60.0, 58.0])]
+    (grouped, single) = _coco_instances(_Image("Train", 1, 0, "x.jpg", 100, 80, b"", anns), list(KINDS))
+    assert grouped["category_id"] == 2 and grouped["bbox"] == [10.0, 10.0, 20.0, 10.0]
+    assert grouped["segmentation"] == [ring] and grouped["iscrowd"] == 0
+    assert grouped["attributes"] == {"occluded": False}  # the leader is a polygon: no rotation
+    assert single["bbox"] == [50.0, 50.0, 10.0, 8.0] and single["attributes"]["rotation"] == 0.0

@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     name, records = _select(args.subset, data, _run_split_options(args, info.provenance))
     _check_labels(records, info.labels)
     detector = Detector(args.run, device=str(device))
-    gts, preds = predict_records(detector, records, masks=args.iou_type == "segm")
+    gts, preds = predict_records(
+        detector, records, masks=args.iou_type == "segm", max_pixels=data.max_pixels
+    )
     result = evaluate_detections(
         gts, preds, info.labels, max_dets=max(300, info.detections_per_img), iou_type=args.iou_type
     )
@@ -119,7 +121,7 @@ def _select(
 
     if subset is None:
         try:
-            name, records = "validation", split_data(data, options)["val"]
+            name, records = "validation", split_data(data, options, require_train=False)["val"]
         except UserError as exc:
             raise UserError(f"{exc} (or choose the images with --subset NAME|all)") from exc
     elif subset.lower() == "all":

@@ -135,7 +135,7 @@ class _Planner:
                 self.output.make_dir(folder)
                 self._made.add(folder)
             path = f"{folder}/{stem}__{object_id}{suffix}"
-            self.output.claim(path, f"{image.subset}/{image.name}")
+            self.output.claim(path, image.identity)
             planned.append(CropObject(shape, object_id, path, box, region, score))
         return CropJob(
             image.path, image.name, image.subset, size, planned, image.task_id, image.frame, skipped
@@ -151,13 +151,13 @@ def _annotation_jobs(
 ) -> tuple[int, Iterator[CropJob]]:
     """(objects selected, their jobs): one job per image, planned only when a worker needs it so
     that memory does not grow with the export; missing images are an error up front."""
-    wanted = check_labels(labels, data.labels)
+    wanted = check_labels(labels, data.labels, data.not_classes)
     chosen = [im for im in data.images if any(_selected(im, wanted))]
     chosen = _drop_missing(chosen, wanted, options.skip_missing, summary)
     all_labels = list(data.labels) + sorted({s.label for im in chosen for s in im.shapes})
     subsets = list(dict.fromkeys(im.subset for im in chosen))
     planner = _Planner(all_labels, subsets, options, output, summary)
-    stems = image_stems([im.key for im in chosen], by_subset=options.subsets)
+    stems = image_stems([im.key for im in chosen], options.subsets, [im.identity for im in chosen])
     total = sum(1 for im in chosen for _ in _selected(im, wanted))
     jobs = (
         planner.job(im, stem, (im.width, im.height), _selected(im, wanted))
@@ -177,10 +177,16 @@ def _selected(image: ImageRecord, wanted: set[str] | None) -> Iterator[tuple[Sha
             yield shape, i if shape.object_id is None else shape.object_id, None
 
 
-def check_labels(labels: Sequence[str] | None, known: Sequence[str]) -> set[str] | None:
-    """The selected labels as a set (None: all); a name not in ``known`` is an error."""
+def check_labels(
+    labels: Sequence[str] | None, known: Sequence[str], not_classes: dict[str, str] | None = None
+) -> set[str] | None:
+    """The selected labels as a set (None: all); a name not in ``known`` is an error (saying why
+    when it is a label of the data that holds no objects)."""
     if not labels:
         return None
+    for name in labels:
+        if name not in known and name in (not_classes or {}):
+            raise UserError(f"--labels: label {name!r} holds no objects to crop: {not_classes[name]}")
     unknown = [name for name in labels if name not in known]
     if unknown:
         raise UserError(
@@ -200,7 +206,7 @@ def _drop_missing(
         first = missing[0]
         raise UserError(
             f"{len(missing)} of {len(chosen)} images with objects to crop are missing (first: "
-            f"{first.subset}/{first.name} at {first.path or 'no path in the export'}); point "
+            f"{first.identity} at {first.path or 'no path in the export'}); point "
             "--images-dir at the image folder, or pass --skip-missing to crop the others"
         )
     summary.skipped[MISSING] += sum(1 for im in missing for _ in _selected(im, wanted))
@@ -262,7 +268,7 @@ def crop_annotations(
     with CropOutput(out, options.append) as output:
         total, jobs = _annotation_jobs(data, options, output, summary, labels)
         depth = 4 * max(options.workers, 1)
-        work = partial(cut_image, spec=options.spec, root=str(output.staging))
+        work = partial(cut_image, spec=options.spec, root=str(output.staging), max_pixels=data.max_pixels)
         with (
             _executor(options.workers) as pool,
             tqdm(total=total, unit="obj", disable=not options.progress or None) as bar,

@@ -49,20 +49,24 @@ def unique_names(names: Iterable[str]) -> dict[str, str]:
     return mapping
 
 
-def image_stems(keys: Sequence[tuple[str, str]], by_subset: bool) -> list[str]:
+def image_stems(
+    keys: Sequence[tuple[str, str]], by_subset: bool, identities: Sequence[str] | None = None
+) -> list[str]:
     """File-name stems for images given as (subset, name), unique within each output folder.
 
     The stem is the image name without extension, folders flattened with ``_``. Images whose stems
     would clash in one folder (``a.jpg`` and ``a.png``; the same name in two subsets when subsets
-    share a folder) get a short hash of (subset, name) appended, which stays the same across runs.
+    share a folder; ``img_001.jpg`` of two tasks) get a short hash of their identity (default
+    "subset/name") appended, which stays the same across runs.
     """
+    identities = identities or [f"{subset}/{name}" for subset, name in keys]
     stems = [_flat_stem(name) for _, name in keys]
     folder = [subset.casefold() if by_subset else "" for subset, _ in keys]
     counts = Counter((f, s.casefold()) for f, s in zip(folder, stems, strict=True))
     out = []
-    for (subset, name), f, stem in zip(keys, folder, stems, strict=True):
+    for identity, f, stem in zip(identities, folder, stems, strict=True):
         if counts[(f, stem.casefold())] > 1:
-            digest = hashlib.sha1(f"{subset}/{name}".encode()).hexdigest()[:8]
+            digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
             stem = f"{stem}-{digest}"
         out.append(stem)
     return out

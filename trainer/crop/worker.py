@@ -55,10 +55,10 @@ class CropJob:
     skipped: int = 0  # objects of this image left out (too small, outside the image)
 
 
-def cut_image(job: CropJob, spec: CropSpec, root: str) -> None:
-    """Decode the image once and write all of its crops under ``root``."""
+def cut_image(job: CropJob, spec: CropSpec, root: str, max_pixels: int | None = None) -> None:
+    """Decode the image once (refused over ``max_pixels``) and write all of its crops under ``root``."""
     if job.objects:
-        write_crops(read_image(job.path), job, spec, root)
+        write_crops(read_image(job.path, max_pixels), job, spec, root)
 
 
 def write_crops(rgb: np.ndarray, job: CropJob, spec: CropSpec, root: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from serverless.errors import UserError
 
 if TYPE_CHECKING:
-    from trainer.data.records import DetectionData
+    from trainer.data.records import DetectionData, ImageRecord
     from trainer.data.splits import Split, SplitOptions
 
 ROLES = ("train", "val", "test")
@@ -36,6 +36,22 @@ def parse_ids(text: str) -> list[int]:
     if not ids or min(ids) < 1:
         raise ValueError(f"expected ids like 15,16, got {text!r}")
     return ids
+
+
+def parse_pixels(text: str) -> int:
+    """"300000000", "300e6" or "300M" -> 300000000 (a positive number of pixels)."""
+    number, scale = text.strip().upper(), 1
+    for suffix in ("MP", "M"):
+        if number.endswith(suffix):
+            number, scale = number[: -len(suffix)], 1_000_000
+            break
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = 0.0
+    if not 1 <= value < 2**63:
+        raise ValueError(f"expected a number of pixels like 300000000 or 300M, got {text!r}")
+    return int(value)
 
 
 def parse_merge(text: str) -> tuple[str, list[str]]:
@@ -92,6 +108,9 @@ class DataOptions:
         "in the environment)", metavar="URL")
     project: int | None = option(None, "CVAT project to download", metavar="ID")
     tasks: list[int] | None = option(None, "CVAT tasks to download", parse=parse_ids, metavar="ID,ID")
+    max_pixels: int | None = option(
+        None, "largest image accepted, in pixels, e.g. 900M for whole slides (default: "
+        "$CVAT_DETECTOR_MAX_PIXELS, else 268435456 = 16384x16384)", parse=parse_pixels, metavar="N")
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -104,6 +123,7 @@ def load_from_args(options: DataOptions, *, require_images: bool = True) -> Dete
     ``require_images`` refuses exports without image files (training needs pixels; ``inspect``
     does not).
     """
+    from serverless.imageio import over_limit_message, pixel_limit
     from trainer.data.readers import default_cache_dir, load_dataset
 
     sources = list(options.data)
@@ -132,16 +152,33 @@ def load_from_args(options: DataOptions, *, require_images: bool = True) -> Dete
     if require_images and (without := [im for im in data.images if im.path is None]):
         raise UserError(
             f"{len(without)} images have no image file (the export holds annotations only, "
-            f"e.g. {without[0].subset}/{without[0].name}); export with images, or pass --images-dir"
+            f"e.g. {without[0].identity}); export with images, or pass --images-dir"
+        )
+    try:
+        data.max_pixels = pixel_limit(options.max_pixels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    huge = largest_image(data)
+    if require_images and huge is not None and huge.width * huge.height > data.max_pixels:
+        raise UserError(
+            over_limit_message(f"image {huge.identity}", huge.width, huge.height, data.max_pixels)
         )
     return data
 
 
-def split_from_args(options: DataOptions, data: DetectionData, seed: int = 0) -> Split:
+def largest_image(data: DetectionData) -> ImageRecord | None:
+    """The image with the most pixels (sizes come from the annotations, checked against the files'
+    headers, so nothing is decoded)."""
+    return max(data.images, key=lambda im: im.width * im.height, default=None)
+
+
+def split_from_args(
+    options: DataOptions, data: DetectionData, seed: int = 0, *, require_train: bool = True
+) -> Split:
     """Train/val/test lists following the subsets, --subset-map and --val-fraction."""
     from trainer.data.splits import split_data
 
-    return split_data(data, split_options(options, seed))
+    return split_data(data, split_options(options, seed), require_train=require_train)
 
 
 def split_options(options: DataOptions, seed: int = 0) -> SplitOptions:

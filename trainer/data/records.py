@@ -1,15 +1,15 @@
 """The in-memory dataset every reader produces and every consumer (training, crops, inspect) reads.
 
 Plain dataclasses, independent of the export format: a CVAT XML and a COCO export of the same project
-yield equal records. Images are keyed by (subset, name), never by numeric ids, which CVAT reuses
-across subsets.
+yield equal records. Images are named by their :attr:`ImageRecord.identity` (source, subset, name),
+never by numeric ids, which CVAT reuses across subsets and renumbers in COCO.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -76,19 +76,36 @@ class ImageRecord:
     @property
     def identity(self) -> str:
         """The image's name across exports and runs (split roles, recorded validation sets):
-        ``subset/name``, prefixed by ``source:`` when that is needed to tell images apart."""
-        return f"{self.source}:{self.subset}/{self.name}" if self.source else f"{self.subset}/{self.name}"
+        ``subset/name``, prefixed by ``source:`` when that is needed to tell images apart.
+
+        The extension is lower-cased: CVAT's XML keeps a file's own case (``IMG_1.JPG``,
+        ``frame_000000.PNG``) while its COCO export lower-cases it (since 2.32), and both name
+        one image.
+        """
+        name = canonical_name(self.name)
+        return f"{self.source}:{self.subset}/{name}" if self.source else f"{self.subset}/{name}"
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with its extension lower-cased, the same in every export format."""
+    suffix = PurePosixPath(name).suffix
+    return name[: len(name) - len(suffix)] + suffix.lower() if suffix else name
 
 
 @dataclass
 class DetectionData:
     """Everything read from one or more exports, merged under one label list."""
 
-    labels: list[str]  # class order: class id = index + 1
+    labels: list[str]  # class order: class id = index + 1; only labels that hold objects
     images: list[ImageRecord]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     sources: list[str] = field(default_factory=list)
     notes: Counter = field(default_factory=Counter)  # kept but changed (e.g. rotated -> envelope)
+    #: Labels of the exports that are no model class (tag, skeleton, no objects) -> why not.
+    not_classes: dict[str, str] = field(default_factory=dict)
+    #: The pixel limit the images were checked against, which decoders of these images apply too;
+    #: None: the process default (:func:`serverless.imageio.pixel_limit`).
+    max_pixels: int | None = None
 
     def subset(self, name: str) -> list[ImageRecord]:
         return [im for im in self.images if im.subset.lower() == name.lower()]
@@ -105,5 +122,6 @@ class DetectionData:
             "subsets": dict(Counter(im.subset for im in self.images)),
             "skipped": dict(self.skipped),
             "notes": dict(self.notes),
+            "not_classes": dict(self.not_classes),
             "sources": list(self.sources),
         }

@@ -65,11 +65,11 @@ class Split(Mapping):
         return {role: len(images) for role, images in self._roles.items()}
 
 
-def split_data(data: DetectionData, options: SplitOptions) -> Split:
+def split_data(data: DetectionData, options: SplitOptions, *, require_train: bool = True) -> Split:
     """:func:`split_dataset` with its options kept beside the result."""
     roles = split_dataset(
         data, val_fraction=options.val_fraction, test_fraction=options.test_fraction,
-        seed=options.seed, subset_map=options.subset_map,
+        seed=options.seed, subset_map=options.subset_map, require_train=require_train,
     )
     return Split(options, roles)
 
@@ -81,13 +81,15 @@ def split_dataset(
     test_fraction: float = 0.0,
     seed: int = 0,
     subset_map: dict[str, str] | None = None,
+    require_train: bool = True,
 ) -> dict[str, list[ImageRecord]]:
     """{"train", "val", "test"} image lists.
 
     Subsets Train/Validation/Test (also val, valid; any case) and those named in ``subset_map``
     give their images a role; images of other subsets (e.g. "default") count as train. When no
     subset says val, ``val_fraction`` of the train images become val (seeded); when none says
-    test, ``test_fraction`` of them become test.
+    test, ``test_fraction`` of them become test. No training image is an error only with
+    ``require_train`` (training needs them; a validation-only export is fine to inspect or evaluate).
     """
     _check_fractions(val_fraction, test_fraction)
     roles = _roles(subset_map)
@@ -103,7 +105,7 @@ def split_dataset(
         train = pool
     else:
         val, train = _take(pool, val_fraction / share, seed)
-    if not train:
+    if not train and require_train:
         raise UserError(
             "no training images: every image is in a validation or test subset; "
             "map a subset to train with --subset-map NAME=train"

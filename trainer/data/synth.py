@@ -433,34 +433,68 @@ def _coco_image(im: _Image, image_id: int) -> dict:
 
 
 def _coco_instances(im: _Image, labels: list[str]) -> list[dict]:
-    """CVAT's COCO export: masks and ellipses become crowd RLE, a group becomes one object."""
+    """CVAT's COCO export: masks and ellipses become crowd RLE, a group becomes one object.
+
+    A group is merged as datumaro's ``CocoExporter.find_instance_parts`` does for CVAT: the
+    largest part (box w*h, polygon shoelace, mask pixels; boxes first on a tie) gives label and
+    attributes, the box is the union of the group's boxes (of all parts when it has none), and
+    the outline is one RLE when a mask of the leader's label is in the group, else the polygons.
+    """
     groups: dict[int, list[_Ann]] = {}
     for i, ann in enumerate(im.anns):
         if ann.type not in ("points", "tag"):
             groups.setdefault(ann.group or -1 - i, []).append(ann)
     out = []
     for parts in groups.values():
-        box = next((a for a in parts if a.type == "rectangle"), None)
-        outline = [a for a in parts if a.type == "polygon"]
-        leader = box or parts[0]
+        boxes = [a for a in parts if a.type == "rectangle"]
+        rings = [a.points for a in parts if a.type == "polygon"]
+        masks = [_full_mask(a, im.width, im.height) for a in parts if a.type in ("mask", "ellipse")]
+        ordered = boxes + [a for a in parts if a.type == "polygon"] + [
+            a for a in parts if a.type in ("mask", "ellipse")]  # fmt: skip
+        leader = max(ordered, key=lambda a: _area(a, im))
         entry = {"category_id": labels.index(leader.label) + 1}
-        if leader.type in ("mask", "ellipse"):
-            entry |= _coco_rle(_full_mask(leader, im.width, im.height))
-        elif outline:
-            rings = [a.points for a in outline]
+        bounds = [a.points for a in boxes] or [_bounds(a, im) for a in parts]
+        bbox = _xywh([min(b[0] for b in bounds), min(b[1] for b in bounds),
+                      max(b[2] for b in bounds), max(b[3] for b in bounds)])  # fmt: skip
+        if any(a.label == leader.label for a in parts if a.type in ("mask", "ellipse")):
+            union = np.logical_or.reduce([*masks, *(_polygon_mask(r, im) for r in rings)])
+            entry |= _coco_rle(union) | {"bbox": bbox}
+        elif rings:
             rles = mask_utils.frPyObjects(rings, im.height, im.width)
             area = float(mask_utils.area(mask_utils.merge(rles)))
-            xs, ys = [v for r in rings for v in r[::2]], [v for r in rings for v in r[1::2]]
-            bbox = box.points if box else [min(xs), min(ys), max(xs), max(ys)]
-            entry |= {"segmentation": rings, "area": area, "bbox": _xywh(bbox), "iscrowd": 0}
+            entry |= {"segmentation": rings, "area": area, "bbox": bbox, "iscrowd": 0}
         else:
-            x, y, w, h = _xywh(box.points)
-            entry |= {"segmentation": [], "area": w * h, "bbox": [x, y, w, h], "iscrowd": 0}
+            entry |= {"segmentation": [], "area": bbox[2] * bbox[3], "bbox": bbox, "iscrowd": 0}
         attributes = {"occluded": False}
-        if leader.type == "rectangle":
+        if leader.type in ("rectangle", "ellipse"):  # ellipses since CVAT 2.37
             attributes["rotation"] = float(leader.rotation)
         out.append(entry | {"attributes": attributes})
     return out
+
+
+def _area(ann: _Ann, im: _Image) -> float:
+    """datumaro's get_area: Bbox w*h, Polygon shoelace, Mask pixel count."""
+    if ann.type == "rectangle":
+        x0, y0, x1, y1 = ann.points
+        return (x1 - x0) * (y1 - y0)
+    if ann.type == "polygon":
+        x, y = np.asarray(ann.points[0::2]), np.asarray(ann.points[1::2])
+        return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+    return float(_full_mask(ann, im.width, im.height).sum())
+
+
+def _bounds(ann: _Ann, im: _Image) -> list[float]:
+    """xyxy as datumaro's get_bbox: the points' extremes, a mask's pixel extents."""
+    if ann.type in ("rectangle", "polygon"):
+        xs, ys = ann.points[0::2], ann.points[1::2]
+        return [min(xs), min(ys), max(xs), max(ys)]
+    ys, xs = np.nonzero(_full_mask(ann, im.width, im.height))
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def _polygon_mask(ring: list[float], im: _Image) -> np.ndarray:
+    rle = mask_utils.frPyObjects([ring], im.height, im.width)
+    return mask_utils.decode(mask_utils.merge(rle)).astype(bool)
 
 
 def _xywh(xyxy: list[float]) -> list[float]:

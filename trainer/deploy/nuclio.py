@@ -29,16 +29,20 @@ from serverless.errors import UserError
 
 #: Nuclio makes Kubernetes names "nuclio-<name>" that must fit in 63 characters.
 MAX_NAME = 56
+#: The GPU base image of serverless/function.yaml, and the torch/torchvision it ships (the serverless
+#: runtime must import and serve on exactly these: tests/test_function_image.py).
+GPU_BASE_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+IMAGE_TORCH = {GPU_BASE_IMAGE: ("2.5.1", "0.20.1")}
 #: The CPU variant: same torch/torchvision as the GPU base image, CPU wheels.
 CPU_BASE_IMAGE = "python:3.11-slim"
 CPU_TORCH = (
-    "pip install --no-cache-dir torch==2.5.1 torchvision==0.20.1 "
-    "--index-url https://download.pytorch.org/whl/cpu"
+    "pip install --no-cache-dir torch=={} torchvision=={} "
+    "--index-url https://download.pytorch.org/whl/cpu".format(*IMAGE_TORCH[GPU_BASE_IMAGE])
 )
 CPU_EVENT_TIMEOUT = "120s"
 #: Python inside the base images we name, which spec.runtime must match.
 IMAGE_PYTHON = {
-    "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime": "3.11",
+    GPU_BASE_IMAGE: "3.11",
     CPU_BASE_IMAGE: "3.11",
 }
 ENTRY_POINT = '''"""Nuclio entry point (spec.handler main:handler): the serverless package's."""

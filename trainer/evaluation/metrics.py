@@ -212,22 +212,24 @@ def predict_records(
     *,
     masks: bool = False,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Run ``detector`` (threshold 0: every detection counts for AP) over ``records``.
 
     Returns ground truth and predictions in the bundle's class ids, labels matched by name; shapes
     whose label the model does not know are left out. With ``masks``, both carry COCO RLE masks
-    for ``iou_type="segm"``.
+    for ``iou_type="segm"``. Images over ``max_pixels`` (default: the configured limit) are refused.
     """
     class_ids = {name: i + 1 for i, name in enumerate(detector.labels)}
     missing = [r for r in records if r.path is None]
     if missing:
         raise UserError(
-            f"{missing[0].name}: image file not in the export ({len(missing)} such images); "
+            f"{missing[0].identity}: image file not in the export ({len(missing)} such images); "
             "evaluation needs exports with images"
         )
     gts, preds = [], []
-    detected = detect_each(detector, records, lambda record: read_image(record.path), threshold=0.0)
+    detected = detect_each(detector, records, lambda record: read_image(record.path, max_pixels),
+                           threshold=0.0)
     for record, image, det in tqdm(
         detected, total=len(records), desc="evaluate", unit="img", disable=not progress
     ):

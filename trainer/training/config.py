@@ -15,10 +15,13 @@ import yaml
 
 from serverless.architectures import ARCHITECTURES, DEFAULT_ARCH, get_architecture
 from serverless.errors import UserError
+from serverless.precision import MODES as PRECISION_MODES
 from trainer.data.options import option
 
 AUGMENT_PRESETS = ("none", "flip", "microscopy")
 OPTIMIZERS = ("sgd", "adamw")
+#: ``--amp`` values; YAML ``amp: false``/``true`` (older configs) read as off/auto.
+AMP_BOOLEANS = {"false": "off", "true": "auto"}
 SCHEDULERS = ("cosine", "step")
 
 
@@ -26,6 +29,10 @@ def parse_device(text: str) -> str:
     if text not in ("auto", "cpu") and not text.startswith("cuda"):
         raise ValueError(f"expected auto, cpu or cuda[:N], got {text!r}")
     return text
+
+
+def parse_amp(text: str) -> str:
+    return AMP_BOOLEANS.get(text.lower(), text)
 
 
 @dataclass
@@ -46,7 +53,9 @@ class TrainConfig:
     scheduler: str = option("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULERS)
     warmup_iters: int = option(300, "iterations of linear learning-rate warm-up")
     clip_grad: float = option(10.0, "max gradient norm; 0 disables")
-    amp: bool = option(True, "fp32 on GPU (default: mixed precision)", flag="--no-amp", negate=True)
+    amp: str = option(
+        "auto", "mixed precision on GPU: auto = bf16 on compute capability 8.0+, fp16 on 7.x, else fp32 "
+        "(default); bf16/fp16 force one; off = fp32", choices=PRECISION_MODES, parse=parse_amp)
     augment: str = option(
         "microscopy", "microscopy adds vertical flips, 90-degree rotations, colour jitter (default)",
         choices=AUGMENT_PRESETS)

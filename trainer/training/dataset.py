@@ -33,8 +33,10 @@ class DetectionDataset(Dataset):
         masks: bool = False,
         seed: int = 0,
         cache_images: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         self.records = list(records)
+        self.max_pixels = max_pixels  # the limit the data was checked against (None: the default)
         self.class_of = {name: i + 1 for i, name in enumerate(labels)}
         self.transforms = transforms
         self.masks = masks
@@ -42,7 +44,7 @@ class DetectionDataset(Dataset):
         self._cache: list[np.ndarray] | None = None
         if cache_images:  # decoded before workers fork, so they share the pages
             with ThreadPoolExecutor(4) as pool:
-                self._cache = list(pool.map(lambda r: read_image(r.path), self.records))
+                self._cache = list(pool.map(lambda r: read_image(r.path, max_pixels), self.records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -53,7 +55,7 @@ class DetectionDataset(Dataset):
     def image(self, index: int) -> np.ndarray:
         if self._cache is not None:
             return self._cache[index]
-        return read_image(self.records[index].path)
+        return read_image(self.records[index].path, self.max_pixels)
 
     def target(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]

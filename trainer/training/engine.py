@@ -13,23 +13,26 @@ import torch
 from tqdm import tqdm
 
 from serverless.errors import UserError
+from serverless.precision import choose_precision
 
 
 @dataclass
 class Precision:
-    """Mixed precision on GPU: bf16 where supported, else fp16 with a gradient scaler."""
+    """The compute dtype of training, chosen as the function chooses it
+    (:func:`serverless.precision.choose_precision`; ``mode`` is ``--amp``), and for fp16 the
+    gradient scaler that keeps small gradients from underflowing."""
 
     device: torch.device
-    enabled: bool
+    mode: str = "auto"
 
     def __post_init__(self) -> None:
-        cuda = self.device.type == "cuda" and self.enabled
-        self.enabled = cuda
-        self.dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.dtype == torch.float16)
+        self.choice = choose_precision(self.device, self.mode)
+        self.dtype = self.choice.dtype
+        self.enabled = self.choice.autocast
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.choice.name == "fp16")
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
+        return self.choice.context(self.device)
 
 
 def to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

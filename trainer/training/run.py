@@ -197,14 +197,15 @@ def _loaders(config: TrainConfig, data: DetectionData, split: Split, spec: Archi
               "persistent_workers": workers > 0}
     train_set = DetectionDataset(
         split["train"], data.labels, train_transforms(config.augment),
-        masks=spec.masks, seed=config.seed, cache_images=config.cache_images,
+        masks=spec.masks, seed=config.seed, cache_images=config.cache_images, max_pixels=data.max_pixels,
     )
     sampler = GroupedBatchSampler(
         train_set.aspect_ratios(), config.batch_size, seed=config.seed, rank=rank, world_size=world
     )
     train_loader = DataLoader(train_set, batch_sampler=sampler,
                               generator=torch.Generator().manual_seed(config.seed), **common)
-    val_set = DetectionDataset(split["val"], data.labels, cache_images=config.cache_images)
+    val_set = DetectionDataset(split["val"], data.labels, cache_images=config.cache_images,
+                               max_pixels=data.max_pixels)
     shard = list(range(rank, len(val_set), world))
     val_loader = DataLoader(torch.utils.data.Subset(val_set, shard), batch_size=config.batch_size,
                             generator=torch.Generator().manual_seed(config.seed), **common)
@@ -273,7 +274,8 @@ def resume(run: Run) -> None:
     run.net.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.precision.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when the run was not in fp16 (a scaler refuses to load that)
+        run.precision.scaler.load_state_dict(state["scaler"])
     run.progress = Progress(state["epoch"] + 1, state["best_map"], state["best_epoch"], state["history"])
     checkpoint.set_rng_state(state["rng"])
     if run.main:
@@ -392,6 +394,7 @@ def provenance(run: Run) -> dict[str, Any]:
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
         "device": str(run.device) + (f" ({torch.cuda.get_device_name(run.device)})"
                                      if run.device.type == "cuda" else ""),
+        "precision": run.precision.choice.name,
     }
 
 
@@ -417,7 +420,8 @@ def plan(run: Run) -> str:
     return (
         f"training {c.arch} ({run.point.kind} weights) on {devices}: "
         f"{len(run.train_set)} train / {len(run.val_set)} val images, {len(run.data.labels)} labels, "
-        f"shorter side {image_size(c, run.spec)}, batch {c.batch_size}, up to {c.epochs} epochs -> {run.out}"
+        f"shorter side {image_size(c, run.spec)}, batch {c.batch_size}, up to {c.epochs} epochs, "
+        f"precision {run.precision.choice} -> {run.out}"
     )
 
 

@@ -1,7 +1,8 @@
-"""Read CVAT exports (zips or folders, CVAT for images 1.1 or COCO 1.0) into one DetectionData.
+"""Read CVAT exports (zips or folders; CVAT for images 1.1, CVAT for video 1.1 or COCO 1.0; task,
+job or project) into one DetectionData.
 
 Every consumer (train, evaluate, crop, inspect) goes through :func:`load_dataset`, so label
-selection, skipped-shape counts and image checks are the same everywhere.
+selection, skipped-shape counts, image identities and image checks are the same everywhere.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from trainer.data.readers import coco
 from trainer.data.readers.archive import default_cache_dir, open_export
 from trainer.data.readers.cvat_xml import read_cvat_xml
 from trainer.data.readers.detect import detect
+from trainer.data.readers.identity import assign_sources
 from trainer.data.readers.images import resolve_images
-from trainer.data.readers.labels import label_mapping, select
+from trainer.data.readers.labels import label_classes, label_mapping, select
 from trainer.data.readers.parsed import ParsedExport, gc_paused
 from trainer.data.readers.summary import format_summary
 from trainer.data.records import DetectionData
@@ -32,6 +34,7 @@ def read_export(source: str | Path, cache_dir: str | Path | None = None) -> Pars
         coco.read_coco(files, export)
     else:
         read_cvat_xml(files[0], export)
+    export.tag = export.tag or path.stem
     return export
 
 
@@ -45,10 +48,11 @@ def load_dataset(
     skip_missing: bool = False,
     cache_dir: str | Path | None = None,
 ) -> DetectionData:
-    """Read and merge ``sources`` into one dataset (images keyed by (subset, name)).
+    """Read and merge ``sources`` into one dataset of images named by their identity.
 
-    ``labels`` keeps only those labels, ``merge`` {"NEW": ["A", "B"]} renames; images without
-    objects are dropped unless ``keep_empty``; missing image files are an error unless
+    ``labels`` keeps only those labels, ``merge`` {"NEW": ["A", "B"]} renames; labels that hold
+    no object (tag, skeleton, nothing drawn) are no classes (``not_classes`` says why). Images
+    without objects are dropped unless ``keep_empty``; missing image files are an error unless
     ``skip_missing``. Zips are extracted once into ``cache_dir`` (default: see
     :func:`default_cache_dir`).
     """
@@ -56,39 +60,22 @@ def load_dataset(
         raise UserError("no data given: name at least one CVAT export (zip or folder)")
     with gc_paused():
         exports = [read_export(s, cache_dir) for s in sources]
-        _check_unique(exports)
-        known: list[str] = []
+        classes, not_classes = label_classes(exports)
+        order, mapping = label_mapping(classes, labels, merge, not_classes)
+        data = DetectionData(labels=order, images=[], sources=[e.source for e in exports],
+                             not_classes=not_classes)  # fmt: skip
+        kept = []
         for export in exports:
-            shape_labels = (s.label for im in export.images for s in im.shapes)
-            known += [n for n in dict.fromkeys([*export.labels, *shape_labels]) if n not in known]
-        order, mapping = label_mapping(known, labels, merge)
-        data = DetectionData(labels=order, images=[], sources=[e.source for e in exports])
-        for export in exports:
-            images = select(export, mapping, keep_empty)
-            data.images += resolve_images(images, export, images_dir, skip_missing)
+            images = resolve_images(select(export, mapping, keep_empty), export, images_dir, skip_missing)
+            kept.append((export, images))
+            data.images += images
             data.skipped.update(export.skipped)
             data.notes.update(export.notes)
+        assign_sources(kept)
     if not data.images:
         skipped = ", ".join(f"{k}: {v}" for k, v in data.skipped.items()) or "nothing"
         raise UserError(
             f"no images with objects left in {', '.join(data.sources)} "
-            f"(labels {', '.join(order)}; skipped {skipped})"
+            f"(labels {', '.join(order) or 'none with objects'}; skipped {skipped})"
         )
     return data
-
-
-def _check_unique(exports: list[ParsedExport]) -> None:
-    """Images are keyed by (subset, name); the same key twice would train on one image twice."""
-    owner: dict[tuple[str, str], str] = {}
-    for export in exports:
-        seen: set[tuple[str, str]] = set()
-        for im in export.images:
-            if im.key in seen:
-                raise UserError(f"{export.source}: image {im.subset}/{im.name} is listed twice")
-            if im.key in owner:
-                raise UserError(
-                    f"image {im.subset}/{im.name} appears in both {owner[im.key]} and "
-                    f"{export.source}; each (subset, image name) may appear once across sources"
-                )
-            seen.add(im.key)
-        owner.update(dict.fromkeys(seen, export.source))

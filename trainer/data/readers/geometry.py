@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from trainer.data.readers.parsed import CLIPPED, DEGENERATE, GROUPED, ParsedExport
+from trainer.data.readers.parsed import CLIPPED, DEGENERATE, ParsedExport
 from trainer.data.records import Shape
 
 Box = tuple[float, float, float, float]
@@ -36,6 +36,13 @@ def rotated_corners(x0: float, y0: float, x1: float, y1: float, degrees: float) 
     return [v for point in turned for v in point]
 
 
+def rotated_box(x0: float, y0: float, x1: float, y1: float, degrees: float, **fields) -> Shape:
+    """A CVAT box rotated by ``degrees``: trained on its envelope, its true corners kept."""
+    ring = rotated_corners(x0, y0, x1, y1, degrees)
+    box = rotated_envelope(x0, y0, x1, y1, degrees)
+    return Shape(kind="rectangle", box=box, rotation=degrees, polygons=[ring], **fields)
+
+
 def ellipse_box(cx: float, cy: float, rx: float, ry: float, degrees: float) -> Box:
     """Axis-aligned bounds of the (rotated) ellipse."""
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
@@ -57,12 +64,16 @@ def points_box(flat: list[float]) -> Box:
 
 
 def finish(shape: Shape, width: int, height: int, out: ParsedExport) -> Shape | None:
-    """Clip ``shape.box`` to the image; None (counted) when less than a pixel is left."""
+    """Clip ``shape.box`` to the image; None (counted) when less than a pixel is left or a
+    coordinate is not a finite number."""
     x0, y0, x1, y1 = shape.box
+    if not all(map(math.isfinite, shape.box)):  # "nan" or "inf" in the export
+        out.skip(DEGENERATE, shape.label)
+        return None
     cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
     cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
     if cx1 - cx0 < 1 or cy1 - cy0 < 1:
-        out.skipped[DEGENERATE] += 1
+        out.skip(DEGENERATE, shape.label)
         return None
     if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
         out.notes[CLIPPED] += 1
@@ -82,45 +93,28 @@ def bitmap_shape(bitmap: np.ndarray, left: int, top: int, **fields) -> Shape | N
     return Shape(kind="mask", box=box, mask=crop, mask_origin=(x0, y0), **fields)
 
 
-def merge_groups(shapes: list[Shape], width: int, height: int, out: ParsedExport) -> list[Shape]:
-    """Shapes sharing a CVAT group id become one object, as CVAT's COCO export merges them.
+def ellipse_bitmap(
+    cx: float, cy: float, rx: float, ry: float, degrees: float, width: int, height: int, **fields
+) -> Shape | None:
+    """The ellipse as the mask CVAT's COCO export makes of it, or None when no pixel is inside.
 
-    The largest part gives the label; boxes give the box when the group has any, else the union
-    of all parts; masks or ellipses make the object a mask of the union, polygons are kept.
+    CVAT's ``EllipsesToMasks`` (cvat/apps/dataset_manager/formats/transformations.py) draws
+    ``cv2.ellipse(mat, (round(cx), round(cy)), (round(rx), round(ry)), angle=rotation, 0, 360,
+    255, thickness=-1)``: the pixels whose integer coordinates lie in the ellipse with rounded
+    centre and axes, turned clockwise (y down) by ``rotation``. OpenCV fills a many-sided polygon,
+    so a boundary pixel may differ; the extents agree.
     """
-    groups: dict[int, list[Shape]] = {}
-    for shape in shapes:
-        if shape.group:
-            groups.setdefault(shape.group, []).append(shape)
-    if not any(len(parts) > 1 for parts in groups.values()):
-        return shapes
-    merged: list[Shape] = []
-    for shape in shapes:
-        parts = groups.get(shape.group, [shape])
-        if len(parts) == 1:
-            merged.append(shape)
-        elif shape is parts[0]:  # the group takes the place of its first part
-            merged.append(_merge(parts, shape.group, width, height))
-            out.notes[GROUPED] += 1
-    return merged
-
-
-def _merge(parts: list[Shape], gid: int, width: int, height: int) -> Shape:
-    leader = max(parts, key=lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1]))
-    boxes = [s.box for s in parts if s.kind == "rectangle"] or [s.box for s in parts]
-    box = (min(b[0] for b in boxes), min(b[1] for b in boxes))
-    box += (max(b[2] for b in boxes), max(b[3] for b in boxes))
-    common = {"label": leader.label, "occluded": leader.occluded, "group": gid}
-    common["attributes"] = leader.attributes
-    if any(s.kind in ("mask", "ellipse") for s in parts):
-        union = np.zeros((height, width), dtype=bool)
-        for s in parts:
-            if s.kind != "rectangle":
-                union |= s.to_mask(width, height)
-        shape = bitmap_shape(union, 0, 0, **common)
-        if shape is not None:
-            shape.box = box
-            return shape
-    rings = [ring for s in parts if s.polygons for ring in s.polygons]
-    kind = "polygon" if rings else "rectangle"
-    return Shape(kind=kind, box=box, polygons=rings or None, **common)
+    x0, y0, ax, ay = round(cx), round(cy), max(round(rx), 0.5), max(round(ry), 0.5)
+    reach = math.ceil(max(ax, ay))
+    left, top = max(x0 - reach, 0), max(y0 - reach, 0)
+    right, bottom = min(x0 + reach, width - 1), min(y0 + reach, height - 1)
+    if right < left or bottom < top:
+        return None
+    dy, dx = np.mgrid[top - y0 : bottom - y0 + 1, left - x0 : right - x0 + 1].astype(np.float64)
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    u, v = dx * c + dy * s, -dx * s + dy * c  # back into the ellipse's own axes
+    inside = (u / ax) ** 2 + (v / ay) ** 2 <= 1.0 + 1e-9
+    shape = bitmap_shape(inside, left, top, **fields)
+    if shape is not None:
+        shape.kind = "ellipse"
+    return shape

@@ -13,7 +13,7 @@ from PIL import UnidentifiedImageError
 
 from serverless.errors import UserError
 from serverless.imageio import image_size
-from trainer.data.readers.parsed import MISSING, NO_IMAGES, ParsedExport
+from trainer.data.readers.parsed import MISSING, NO_IMAGES, ParsedExport, name_problem
 from trainer.data.records import ImageRecord
 
 SHOWN = 5  # how many offending files an error lists
@@ -34,8 +34,15 @@ def resolve_images(
     for im in images:
         im.path = _locate(base, im, export.source)
         (found if im.path is not None else missing).append(im)
+    if missing:  # CVAT's COCO export lower-cases extensions (2.32+), its XML keeps them
+        index = _case_index(base)
+        for im in missing:
+            name = im.name.replace("\\", "/").lower()
+            im.path = index.get(f"{im.subset.lower()}/{name}") or index.get(name)
+        found += [im for im in missing if im.path is not None]
+        missing = [im for im in missing if im.path is None]
     if missing and not skip_missing:
-        names = ", ".join(f"{m.subset}/{m.name}" for m in missing[:SHOWN])
+        names = ", ".join(m.identity for m in missing[:SHOWN])
         raise UserError(
             f"{export.source}: {len(missing)} of {len(images)} image files are missing from "
             f"{base} (looked for <subset>/<name> and <name>), e.g. {names}; "
@@ -44,7 +51,16 @@ def resolve_images(
     if missing:
         export.skipped[MISSING] += len(missing)
     _check_sizes(found, export.source)
-    return found
+    return [im for im in images if im.path is not None]
+
+
+def _case_index(base: Path) -> dict[str, Path]:
+    """Every file under ``base`` by its lower-cased relative path."""
+    return {
+        os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/").lower(): Path(root, f)
+        for root, _, files in os.walk(base)
+        for f in files
+    }
 
 
 def _locate(base: Path, im: ImageRecord, source: str) -> Path | None:
@@ -53,8 +69,8 @@ def _locate(base: Path, im: ImageRecord, source: str) -> Path | None:
     os.path on strings: this runs once per image, and pathlib costs twice as much.
     """
     name = im.name.replace("\\", "/")
-    if name.startswith("/") or ".." in name.split("/"):
-        raise UserError(f"{source}: image name {im.name!r} points outside the export; refusing it")
+    if problem := name_problem(im.name):
+        raise UserError(f"{source}: image name {im.name!r} {problem}; refusing it")
     for candidate in (os.path.join(base, im.subset, name), os.path.join(base, name)):
         if os.path.isfile(candidate):
             return Path(candidate)
@@ -66,7 +82,7 @@ def _check_sizes(images: list[ImageRecord], source: str) -> None:
     for im in images:
         try:
             size = image_size(im.path)
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:  # PIL's header errors
             raise UserError(f"{im.path}: not a readable image ({exc})") from exc
         if size != (im.width, im.height):
             wrong.append(f"{im.path} is {size[0]}x{size[1]}, annotated as {im.width}x{im.height}")
