@@ -3,26 +3,19 @@ manager and Nuclio read it, and run as Nuclio runs it."""
 
 from __future__ import annotations
 
-import ast
-import importlib.metadata
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from serverless.bundle import BundleInfo
 from serverless.errors import UserError
-from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.deploy import nuclio as package
 from trainer.deploy.nuclio import function_name, label_spec, package_function
@@ -32,13 +25,6 @@ CAPTURES = Path(__file__).parent / "data" / "cvat_captures"  # a copy of ../shar
 LABELS = ["RBC", "WBC", "Platelets"]
 #: Python inside the CUDA PyTorch image (pytorch/pytorch 2.5.1 images ship Python 3.11.10).
 IMAGE_PYTHON = {"pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime": "3.11"}
-#: Python packages each base image brings: pytorch/pytorch images are built by PyTorch's Dockerfile
-#: (github.com/pytorch/pytorch, Dockerfile: installs torch, torchvision and torchaudio); the
-#: python:*-slim images hold the standard library and pip alone.
-IMAGE_PACKAGES = {
-    "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime": ("torch", "torchvision", "torchaudio"),
-    "python:3.11-slim": (),
-}
 
 
 def lambda_listing(data: dict[str, Any]) -> dict[str, Any]:
@@ -113,10 +99,8 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_bundle(
-        tmp_path_factory.mktemp("runs") / "bccd-v2", LABELS, min_size=96, max_size=128
-    )
+def run_dir(shared_bundle) -> Path:
+    return shared_bundle(LABELS, name="bccd-v2", min_size=96, max_size=128)
 
 
 def test_top_level_template_is_the_packaged_one():
@@ -186,6 +170,31 @@ def test_a_name_without_letters_or_digits_is_refused():
         function_name("!!! ???")
 
 
+def test_packaged_function_runs_on_its_own_as_nuclio_loads_it(run_dir, tmp_path):
+    """Import main.py from the function directory, not the repository, with the default bundle
+    path, and answer the captured CVAT request through nuclio-sdk's Platform."""
+    fn = tmp_path / "fn"
+    package_function(run_dir, fn)
+    script = f"""
+import json, sys
+import nuclio_sdk
+from nuclio_sdk.test import Platform
+import main, serverless
+assert serverless.__file__.startswith({str(fn)!r}), serverless.__file__
+body = json.loads(open({str(CAPTURES / "interactive_request_body.json")!r}, "rb").read())
+event = nuclio_sdk.Event(body=body, content_type="application/json")
+response = Platform().call_handler(main.handler, event)
+print("RESULT", response.status_code, len(json.loads(response.body)))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("CVAT_DETECTOR_BUNDLE", "PYTHONPATH")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=fn, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RESULT 200 " in done.stdout
+    assert "/opt/nuclio/bundle" not in done.stdout and str(fn / "bundle") in done.stdout
+
+
 def test_existing_directory_is_refused_then_replaced_whole(run_dir, tmp_path):
     out = tmp_path / "fn"
     package_function(run_dir, out)
@@ -239,143 +248,3 @@ def test_cli_packages_models_side_by_side_and_prints_the_next_step(run_dir, tmp_
     assert main(["package", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "model.json" in err and not (tmp_path / "x").exists()
-
-
-def _pip_installs(command: str) -> list[str]:
-    """Requirement names a Dockerfile RUN line installs with pip (options and their values skipped)."""
-    names = []
-    for part in re.split(r"&&|;", command):
-        words = shlex.split(part)
-        if words[:2] != ["pip", "install"] and words[1:3] != ["-m", "pip"]:
-            continue
-        words = words[words.index("install") + 1 :]
-        takes_value = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "-r", "-c"}
-        skip = False
-        for word in words:
-            if skip or word.startswith("-"):
-                skip = not skip and word in takes_value
-                continue
-            names.append(Requirement(word).name)
-    return names
-
-
-def _with_dependencies(names: list[str]) -> set[str]:
-    """The distributions ``names`` pull in (this platform's markers, extras followed), as the
-    development venv's metadata lists them; names not installed here are kept as they are."""
-    seen: set[str] = set()
-    todo = [(name, "") for name in names]
-    while todo:
-        name, extra = todo.pop()
-        key = (canonicalize_name(name), extra)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            requires = importlib.metadata.distribution(name).requires or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for text in requires:
-            req = Requirement(text)
-            if req.marker is None or req.marker.evaluate({"extra": extra}):
-                todo += [(req.name, "")] + [(req.name, e) for e in req.extras]
-    return {name for name, _ in seen}
-
-
-def image_modules(config: dict[str, Any]) -> set[str]:
-    """Top-level modules importable in the function's image: the standard library, what the base
-    image holds and what the build directives pip-install, with their dependencies."""
-    build = config["spec"]["build"]
-    base = build["baseImage"]
-    assert base in IMAGE_PACKAGES, f"add what base image {base} holds to IMAGE_PACKAGES"
-    directives = [d for phase in build["directives"].values() for d in phase]
-    installed = [n for d in directives if d["kind"] == "RUN" for n in _pip_installs(d["value"])]
-    distributions = _with_dependencies([*IMAGE_PACKAGES[base], *installed])
-    by_module = importlib.metadata.packages_distributions()
-    return set(sys.stdlib_module_names) | {
-        module for module, dists in by_module.items()
-        if any(canonicalize_name(d) in distributions for d in dists)
-    }  # fmt: skip
-
-
-def test_the_image_module_list_is_derived_from_the_build(run_dir, tmp_path):
-    for cpu in (False, True):
-        out = package_function(run_dir, tmp_path / str(cpu), cpu=cpu).out
-        modules = image_modules(_load(out / "function.yaml"))
-        assert {"torch", "torchvision", "numpy", "PIL", "yaml", "nuclio_sdk", "json"} <= modules
-        assert "typing_extensions" in modules  # a dependency of torch
-        assert not {"trainer", "cvat_sdk", "faster_coco_eval", "matplotlib", "tqdm", "pytest"} & modules
-    command = "pip install --no-cache-dir 'a-b>=1' c==2 --index-url https://x/y d && ls"
-    assert _pip_installs(command) == ["a-b", "c", "d"]
-
-
-def _imports(path: Path) -> set[str]:
-    """Top-level modules a Python file imports anywhere (inside functions too); relative ones aside."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.partition(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and not node.level:
-            names.add(node.module.partition(".")[0])
-    return names - {"__future__"}
-
-
-#: Runs before the script: of the venv's site-packages (added without its .pth files, so without
-#: the editable install of the repository) only the image's modules can be found.
-IMAGE_PYTHON_BOOTSTRAP = """
-import sys
-from importlib.machinery import PathFinder
-function_dir, site, allowed = sys.argv[1], sys.argv[2:-1], set(sys.argv[-1].split(","))
-
-class ImageFinder(PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        spec = super().find_spec(name, path, target)
-        where = spec and (spec.origin or "".join(spec.submodule_search_locations or []))
-        if where and where.startswith(tuple(site)) and name.partition(".")[0] not in allowed:
-            return None  # as if not installed
-        return spec
-
-sys.meta_path[sys.meta_path.index(PathFinder)] = ImageFinder
-sys.path[:0] = [function_dir]
-sys.path += site
-"""
-
-
-def test_packaged_function_runs_on_its_own_with_only_what_its_image_holds(run_dir, tmp_path):
-    """Import main.py from the function directory, not the repository, with the default bundle
-    path, and answer the captured CVAT request through nuclio-sdk's Platform, in a Python that
-    finds nothing the image lacks (trainer, cvat-sdk, faster-coco-eval, matplotlib, ...); every
-    import statement of the function, run or not, names a module of the image."""
-    fn = package_function(run_dir, tmp_path / "fn").out
-    local = {p.stem for p in fn.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
-    allowed = image_modules(_load(fn / "function.yaml")) | local
-    for path in fn.rglob("*.py"):
-        assert _imports(path) <= allowed, f"{path.relative_to(fn)} imports {_imports(path) - allowed}"
-    script = IMAGE_PYTHON_BOOTSTRAP + f"""
-import json, importlib
-import nuclio_sdk
-from nuclio_sdk.test import Platform
-import main, serverless
-assert serverless.__file__.startswith({str(fn)!r}), serverless.__file__
-body = json.loads(open({str(CAPTURES / "interactive_request_body.json")!r}, "rb").read())
-event = nuclio_sdk.Event(body=body, content_type="application/json")
-response = Platform().call_handler(main.handler, event)
-print("RESULT", response.status_code, len(json.loads(response.body)))
-for name in ("trainer", "cvat_sdk", "faster_coco_eval", "matplotlib", "tqdm"):
-    try:
-        importlib.import_module(name)
-    except ModuleNotFoundError:
-        print("REFUSED", name)
-"""
-    paths = sysconfig.get_paths()
-    site = sorted({paths["purelib"], paths["platlib"]})
-    env = {k: v for k, v in os.environ.items() if k not in ("CVAT_DETECTOR_BUNDLE", "PYTHONPATH")}
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script, str(fn), *site, ",".join(sorted(allowed))],
-        cwd=fn, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "RESULT 200 " in done.stdout, done.stdout[-2000:]
-    assert done.stdout.count("REFUSED") == 5, done.stdout[-2000:]
-    assert "/opt/nuclio/bundle" not in done.stdout and str(fn / "bundle") in done.stdout
