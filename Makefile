@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-gpu gpu-wheels gpu-data clean
+.PHONY: demo test test-fast lint bench bench-gpu gpu-wheels gpu-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m trainer demo --out demo_out
 
+# Two workers; a module's tests share one (tests/conftest.py groups them), the slowest groups first.
+PYTEST := $(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PYTEST)
+
+# For the edit-test loop; CI runs `make test`. Leaves out the tests that train (marked slow) and the
+# one that builds the function image's Python environment (marked image).
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PYTEST) -m "not slow and not image"
 
 # datumaro is the baseline of bench_parse.py only; it lives in its own venv, not the product's.
 .venv-bench/.installed:

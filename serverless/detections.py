@@ -7,7 +7,6 @@ share it with the PyTorch detector without loading torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -18,7 +17,8 @@ from serverless.mask_polygon import TOLERANCE, mask_to_polygon
 class Detections:
     """Detections of one image, sorted by score (highest first), and their conversions: every
     consumer (CVAT JSON, cvat-sdk shapes, COCO results, evaluation, crops) reads them through
-    these methods."""
+    these methods (COCO's RLE through trainer.inference.coco_annotation: faster-coco-eval is not
+    in the function's image)."""
 
     boxes: np.ndarray  # (N, 4) float32 xyxy in image pixels
     scores: np.ndarray  # (N,) float32
@@ -50,21 +50,3 @@ class Detections:
         polygon = mask_to_polygon(self.masks[i], tolerance)
         x1, y1 = self.mask_boxes[i][:2]
         return [v + (x1 if k % 2 == 0 else y1) for k, v in enumerate(polygon)]
-
-    def coco_annotation(self, i: int, hw: tuple[int, int], category_id: int) -> dict[str, Any]:
-        """Detection ``i`` as a COCO result: bbox [x, y, w, h], score, and RLE when it has a mask."""
-        x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
-        ann: dict[str, Any] = {
-            "category_id": category_id,
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "area": (x2 - x1) * (y2 - y1),
-            "score": float(self.scores[i]),
-            "iscrowd": 0,
-        }
-        if self.masks:
-            from faster_coco_eval.core import mask as mask_utils
-
-            rle = mask_utils.encode(np.asfortranarray(self.full_mask(i, hw), dtype=np.uint8))
-            ann["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-            ann["area"] = float(mask_utils.area(rle))
-        return ann

@@ -1,10 +1,25 @@
 """Shared fixtures: generated CVAT exports (built once per session), hand-written CVAT exports,
-and the real BCCD dataset."""
+the real BCCD dataset, and what is expensive to make (the trained run, untrained bundles), built
+once per test run however many xdist workers ask for it.
+
+Scheduling (``make test`` runs ``pytest -n 2 --dist loadgroup --no-loadscope-reorder``): the tests
+of a module stay on one worker (their module fixtures are built once) unless they name an
+``xdist_group`` themselves (each architecture of test_architectures.py is one), and groups holding
+``slow`` tests start first.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -12,6 +27,56 @@ from PIL import Image
 from trainer.data.synth import generate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+#: What the shared trained run is trained with (tests/test_trained.py checks what it learnt).
+TRAINED_LABELS = ("circle", "square")
+TRAIN_FAST = ["--arch", "fasterrcnn_mobilenet_v3_large_fpn", "--weights", "none", "--device", "cpu",
+              "--roi-batch-size", "64", "--workers", "0", "--patience", "0"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group each module's tests (unless they name their own xdist_group); the groups with the
+    most slow tests first, then the largest, so long work never starts while the other idles."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    groups = {item.nodeid: _group(item) for item in items}
+    size = Counter(groups.values())
+    slow = Counter(groups[item.nodeid] for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (-slow[groups[item.nodeid]], -size[groups[item.nodeid]]))
+
+
+def _group(item: pytest.Item) -> str:
+    return "_".join(sorted(str(m.args[0] if m.args else m.kwargs.get("name")) for m in
+                           item.iter_markers("xdist_group")))
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Path:
+    """``build(folder)`` run once per test run, whichever xdist worker asks first (the others wait
+    for it); returns the finished folder. Under xdist the workers' base temp folders share a parent
+    that belongs to this run alone."""
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    target = root / "built-once" / name
+    target.parent.mkdir(exist_ok=True)
+    with _locked(target.parent / f"{name}.lock"):
+        if not target.is_dir():
+            partial = target.parent / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            build(partial)
+            partial.rename(target)
+    return target
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -88,3 +153,36 @@ def cvat_export(tmp_path) -> Callable[..., Path]:
         return root
 
     return write
+
+
+@pytest.fixture(scope="session")
+def shared_bundle(tmp_path_factory) -> Callable[..., Path]:
+    """``shared_bundle(labels, name="run", **make_bundle_options)``: an untrained bundle (in a
+    folder called ``name``) built once per test run for each set of arguments. Read-only: a test
+    that changes files of a bundle copies it or makes its own."""
+    from tests.factories import make_bundle
+
+    def get(labels: list[str], name: str = "run", **options: Any) -> Path:
+        key = json.dumps({"labels": labels, "name": name, **options}, sort_keys=True)
+        folder = "bundle-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+        return build_once(tmp_path_factory, folder, lambda d: make_bundle(d / name, labels, **options)) / name
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """{"run", "export"}: a mobilenet trained 10 epochs on generated circles and squares (32 train,
+    12 validation images), long enough that a broken loss, box format or label offset would show.
+    Trained once per test run and shared: tests read it and write elsewhere."""
+    from trainer.commands import main
+
+    def train(folder: Path) -> None:
+        export = generate(folder / "data", seed=1, train=32, val=12, empty=2, labels=TRAINED_LABELS,
+                          formats=("cvat",))["cvat"]
+        code = main(["train", str(export), "--out", str(folder / "run"), "--epochs", "10",
+                     "--image-size", "224", "--warmup-iters", "30", "--lr", "0.02", *TRAIN_FAST])
+        assert code == 0
+
+    folder = build_once(tmp_path_factory, "trained", train)
+    return {"run": folder / "run", "export": folder / "data" / "synth_cvat11.zip"}

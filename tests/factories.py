@@ -15,6 +15,10 @@ from PIL import Image, ImageDraw
 from serverless.architectures import get_architecture
 from serverless.bundle import BundleInfo, save_bundle
 
+#: The small Mask R-CNN bundle the mask tests share (conftest ``shared_bundle``).
+MASK_BUNDLE = {"arch": "maskrcnn_resnet50_fpn_v2", "threshold": 0.5, "min_size": 64, "max_size": 96,
+               "detections_per_img": 5}
+
 
 def make_bundle(
     directory: str | Path,

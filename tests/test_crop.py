@@ -15,7 +15,6 @@ from PIL import Image
 from serverless.detector import Detector
 from serverless.errors import UserError
 from serverless.imageio import read_image
-from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.crop.exporter import CropOptions, crop_annotations, crop_detections
 from trainer.crop.output import COLUMNS
@@ -171,12 +170,10 @@ def test_format_source_keeps_jpeg(synth_exports, tmp_path):
         assert img.format == "JPEG"
 
 
-def test_detections_become_crops_with_scores(tmp_path, capsys):
+def test_detections_become_crops_with_scores(tmp_path, shared_bundle, capsys):
     export = generate(tmp_path, seed=5, train=1, val=1, empty=0, size=(96, 80), formats=["cvat"],
                       zipped=False)["cvat"]  # fmt: skip
-    bundle = make_bundle(
-        tmp_path / "run", ["circle", "square"], min_size=64, max_size=96, detections_per_img=4
-    )
+    bundle = shared_bundle(["circle", "square"], min_size=64, max_size=96, detections_per_img=4)
     out, images = tmp_path / "detected", export / "images"
     assert crop("--model", bundle, "--images", images, "--threshold", 0, "--out", out,
                 "--device", "cpu", "--workers", 2) == 0  # fmt: skip

@@ -115,15 +115,13 @@ def test_an_address_that_is_not_cvat_says_so(not_cvat, monkeypatch, capsys):
     assert "CVAT" in _one_error_line(capsys)
 
 
-def test_a_gpu_asked_for_on_a_machine_without_one_is_one_line(tmp_path, monkeypatch, capsys):
+def test_a_gpu_asked_for_on_a_machine_without_one_is_one_line(tmp_path, shared_bundle, monkeypatch, capsys):
     from PIL import Image
-
-    from tests.factories import make_bundle
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
-    bundle = make_bundle(tmp_path / "run")
+    bundle = shared_bundle(["cell", "debris"])
     argv = ["predict", str(bundle), "--images", str(tmp_path / "images"), "--device", "cuda",
             "--out", str(tmp_path / "p.json")]
     assert main(argv) == 2

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from serverless.imageio import decode_image
-from tests.factories import make_bundle
 from trainer.deploy.nuclio import package_function
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,10 +50,10 @@ NVIDIA_SMI = 'print("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0000)")'
 
 
 @pytest.fixture(scope="module")
-def functions(tmp_path_factory) -> dict[str, Path]:
+def functions(tmp_path_factory, shared_bundle) -> dict[str, Path]:
     """A trained run, and function directories packaged from it for the GPU and the CPU."""
     root = tmp_path_factory.mktemp("deploy")
-    run = make_bundle(root / "cells", ["cell"], min_size=64, max_size=96)
+    run = shared_bundle(["cell"], min_size=64, max_size=96)
     package_function(run, root / "fn-gpu", name="cells")
     package_function(run, root / "fn-cpu", name="cells-cpu", cpu=True)
     return {"run": run, "gpu": root / "fn-gpu", "cpu": root / "fn-cpu"}

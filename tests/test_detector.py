@@ -15,7 +15,7 @@ import torch
 from serverless.bundle import BundleError
 from serverless.detector import Detections, Detector
 from serverless.tiling import tile_windows
-from tests.factories import make_bundle
+from tests.factories import MASK_BUNDLE
 
 
 class BrightBlobs(torch.nn.Module):
@@ -56,10 +56,8 @@ class BrightBlobs(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(
-        tmp_path_factory.mktemp("bundle"), ["cell", "debris"], min_size=96, max_size=128
-    )
+def bundle(shared_bundle) -> Path:
+    return shared_bundle(["cell", "debris"], min_size=96, max_size=128)
 
 
 def _tiled(bundle: Path, model: torch.nn.Module, tile: int = 128, overlap: int = 48) -> Detector:
@@ -242,14 +240,11 @@ def test_real_tiled_inference_stays_in_the_frame(bundle, tmp_path):
         Detector(tiled, "cpu")
 
 
-def test_mask_rcnn_masks_are_cropped_to_their_inclusive_boxes(tmp_path):
-    bundle = make_bundle(
-        tmp_path / "mask", ["cell"], arch="maskrcnn_resnet50_fpn_v2", min_size=64, max_size=96,
-        detections_per_img=5,
-    )  # fmt: skip
-    detector = Detector(bundle, "cpu")
+def test_mask_rcnn_masks_are_cropped_to_their_inclusive_boxes(shared_bundle):
+    detector = Detector(shared_bundle(["cell", "debris"], **MASK_BUNDLE), "cpu")
     assert detector.has_masks
-    det = detector.detect(np.random.default_rng(2).integers(0, 255, (48, 72, 3), dtype=np.uint8))
+    image = np.random.default_rng(2).integers(0, 255, (48, 72, 3), dtype=np.uint8)
+    det = detector.detect(image, threshold=0.0)
     assert len(det) > 0 and len(det.masks) == len(det.mask_boxes) == len(det)
     for mask, (x0, y0, x1, y1), box in zip(det.masks, det.mask_boxes, det.boxes, strict=True):
         assert mask.dtype == bool and mask.shape == (y1 - y0 + 1, x1 - x0 + 1)

@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from tests.factories import make_bundle
 from trainer.commands import main
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(shared_bundle):
     """Knows two of the export's labels (circle, square) and one it lacks (rod)."""
-    return make_bundle(tmp_path_factory.mktemp("run") / "run", ["square", "circle", "rod"])
+    return shared_bundle(["square", "circle", "rod"])
 
 
 def test_evaluate_prints_json_and_writes_reports(bundle, synth_exports, tmp_path, capsys):
@@ -43,8 +42,8 @@ def test_evaluate_refuses_a_directory_that_is_not_a_bundle(synth_exports, tmp_pa
     assert err.startswith(f"error: {tmp_path}: no model.json") and "Traceback" not in err
 
 
-def test_evaluate_refuses_data_without_a_shared_label(synth_exports, tmp_path, capsys):
-    run = make_bundle(tmp_path / "run", ["RBC", "WBC"])
+def test_evaluate_refuses_data_without_a_shared_label(synth_exports, shared_bundle, capsys):
+    run = shared_bundle(["RBC", "WBC"])
     assert main(["evaluate", str(run), str(synth_exports["coco"]), "--subset", "all"]) == 2
     err = capsys.readouterr().err
     assert "error: no label of the data" in err and "RBC" in err

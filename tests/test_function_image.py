@@ -9,6 +9,7 @@ any of them builds a new one. ``pytest -m "not image"`` leaves this test out.
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import io
@@ -26,7 +27,6 @@ from PIL import Image
 
 from serverless.detector import Detector
 from serverless.imageio import decode_image
-from tests.factories import make_bundle
 from trainer.deploy import nuclio as package
 
 pytestmark = pytest.mark.image
@@ -90,9 +90,36 @@ def test_template_names_the_image_whose_versions_are_checked():
     assert f"torch=={torch_version} torchvision=={vision_version} " in package.CPU_TORCH  # --cpu alike
 
 
-def test_packaged_function_serves_with_only_what_its_image_holds(tmp_path):
+def _imports(path: Path) -> set[str]:
+    """Top-level modules a Python file imports anywhere (inside functions too); relative ones aside."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module.partition(".")[0])
+    return names - {"__future__"}
+
+
+def test_every_import_of_the_function_names_a_module_of_its_image(shared_bundle, tmp_path):
+    """Imports that serving a frame does not reach (lazy ones, other code paths) must exist in the
+    image too: each import statement of the packaged function, run or not, names a module the image
+    Python can find (or one of the function's own files)."""
+    listing = ("import json, pkgutil, sys\n"
+               "print(json.dumps([*sys.stdlib_module_names, *(m.name for m in pkgutil.iter_modules())]))")
+    found = subprocess.run([str(_image_venv() / "bin" / "python"), "-I", "-c", listing],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    fn = package.package_function(shared_bundle(LABELS, min_size=96, max_size=128), tmp_path / "fn").out
+    local = {p.stem for p in fn.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    allowed = set(json.loads(found.stdout)) | local
+    assert not set(FORBIDDEN) & allowed
+    for path in fn.rglob("*.py"):
+        assert _imports(path) <= allowed, f"{path.relative_to(fn)} imports {_imports(path) - allowed}"
+
+
+def test_packaged_function_serves_with_only_what_its_image_holds(shared_bundle, tmp_path):
     venv = _image_venv()
-    run = make_bundle(tmp_path / "run", LABELS, min_size=96, max_size=128)
+    run = shared_bundle(LABELS, min_size=96, max_size=128)
     fn = tmp_path / "fn"
     package.package_function(run, fn)
     rng = np.random.default_rng(0)

@@ -23,7 +23,6 @@ from PIL import Image
 from serverless import main
 from serverless.cvat_shapes import to_cvat_shapes
 from serverless.detector import Detector
-from tests.factories import make_bundle
 from tests.test_shapes import assert_cvat_shapes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -47,7 +46,7 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _platform(**env: str) -> Platform:
+def started_platform(**env: str) -> Platform:
     """A Platform whose handler context is initialised (init_context ran) under ``env``."""
     platform = Platform()
     with _environ(**env):
@@ -65,7 +64,7 @@ def call(platform: Platform, body: Any, content_type: str = "application/json") 
     return response.status_code, json.loads(response.body)
 
 
-def _context(platform: Platform) -> Any:
+def handler_context(platform: Platform) -> Any:
     """The handler's context (user_data holds the detector), through the Platform's public API."""
     seen = []
     platform.call_handler_with_context_mutation(
@@ -95,13 +94,13 @@ def _b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle"), LABELS, min_size=96, max_size=128)
+def bundle(shared_bundle) -> Path:
+    return shared_bundle(LABELS, min_size=96, max_size=128)
 
 
 @pytest.fixture(scope="module")
 def platform(bundle) -> Platform:
-    return _platform(CVAT_DETECTOR_BUNDLE=str(bundle))
+    return started_platform(CVAT_DETECTOR_BUNDLE=str(bundle))
 
 
 def test_captured_cvat_request_byte_for_byte(platform):
@@ -123,22 +122,52 @@ def _sixteen_bit_tiff(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(
-    "encode",
-    [
-        lambda a: _encode(a, "JPEG", quality=90),
-        lambda a: _encode(a, "PNG"),
-        lambda a: _encode(a, "PNG", mode="RGBA"),
-        lambda a: _encode(a, "PNG", mode="L"),
-        lambda a: _encode(a, "BMP"),
-        _sixteen_bit_tiff,
-    ],
-    ids=["jpeg", "png", "rgba", "grayscale", "bmp", "tiff16"],
-)
-def test_every_frame_kind_gives_contract_shapes(platform, encode):
-    status, shapes = call(platform, {"image": _b64(encode(_frame())), "threshold": 0.0})
+def _stored(data: bytes) -> np.ndarray:
+    """The pixels a file holds, as Pillow reads them without any conversion."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def _as_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+class _Spy(torch.nn.Module):
+    """The bundle's network, recording each image it is given as the uint8 frame it came from."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, images: list[torch.Tensor]) -> Any:
+        self.seen += [(i * 255).round().to(torch.uint8).permute(1, 2, 0).numpy() for i in images]
+        return self.net(images)
+
+
+#: Frame kinds: how the frame (an RGB array) is written, and what the network must then receive,
+#: computed from the array and the stored pixels, not by the decoder.
+FRAME_KINDS = {
+    "jpeg": (lambda a: _encode(a, "JPEG", quality=90), lambda a, data: _stored(data)),
+    "png": (lambda a: _encode(a, "PNG"), lambda a, data: a),
+    "rgba": (lambda a: _encode(a, "PNG", mode="RGBA"), lambda a, data: a),  # opaque alpha
+    "grayscale": (lambda a: _encode(a, "PNG", mode="L"), lambda a, data: _as_rgb(_stored(data))),
+    "bmp": (lambda a: _encode(a, "BMP"), lambda a, data: a),
+    "tiff16": (_sixteen_bit_tiff, lambda a, data: _as_rgb(a[..., 0])),  # v * 257 scales back to v
+}
+
+
+@pytest.mark.parametrize("kind", FRAME_KINDS)
+def test_every_frame_kind_gives_contract_shapes(platform, kind, monkeypatch):
+    encode, expected = FRAME_KINDS[kind]
+    detector = handler_context(platform).user_data.detector
+    spy = _Spy(detector.model)
+    monkeypatch.setattr(detector, "model", spy)
+    data = encode(_frame())
+    status, shapes = call(platform, {"image": _b64(data), "threshold": 0.0})
     assert status == 200 and shapes
     assert_cvat_shapes(shapes, W, H, LABELS)
+    (seen,) = spy.seen
+    assert np.array_equal(seen, expected(_frame(), data))
 
 
 def test_exif_rotated_frame_is_answered_in_displayed_coordinates(platform, bundle):
@@ -181,7 +210,7 @@ def test_threshold_filters_and_its_absence_means_the_calibrated_ones(
     platform, bundle, tmp_path, monkeypatch
 ):
     frame = {"image": _b64(_encode(_frame(), "PNG"))}
-    monkeypatch.setattr(_context(platform).user_data.detector, "model", _Fixed())
+    monkeypatch.setattr(handler_context(platform).user_data.detector, "model", _Fixed())
     assert _confidences(call(platform, {**frame, "threshold": 0.5})[1]) == [
         ("cell", 0.9), ("debris", 0.6),
     ]  # fmt: skip
@@ -194,8 +223,8 @@ def test_threshold_filters_and_its_absence_means_the_calibrated_ones(
     info = json.loads((calibrated / "model.json").read_text())
     info.update(threshold=0.5, class_thresholds={"debris": 0.2})
     (calibrated / "model.json").write_text(json.dumps(info))
-    other = _platform(CVAT_DETECTOR_BUNDLE=str(calibrated), CVAT_DETECTOR_MAX_PIXELS=str(W * H))
-    _context(other).user_data.detector.model = _Fixed()
+    other = started_platform(CVAT_DETECTOR_BUNDLE=str(calibrated), CVAT_DETECTOR_MAX_PIXELS=str(W * H))
+    handler_context(other).user_data.detector.model = _Fixed()
     assert _confidences(call(other, frame)[1]) == [  # no threshold sent: the calibrated ones
         ("cell", 0.9), ("debris", 0.6), ("debris", 0.25),
     ]  # fmt: skip
@@ -242,7 +271,7 @@ def test_wrapped_base64_lines_are_accepted(platform):
 
 
 def test_internal_error_is_a_500_without_traceback_and_the_worker_recovers(platform, monkeypatch):
-    detector = _context(platform).user_data.detector
+    detector = handler_context(platform).user_data.detector
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret /opt/nuclio/bundle detail")
@@ -275,7 +304,7 @@ class _BrightBlob(torch.nn.Module):
 
 
 def test_mask_detections_reach_cvat_as_bitmap_and_polygon(platform, monkeypatch):
-    monkeypatch.setattr(_context(platform).user_data.detector, "model", _BrightBlob())
+    monkeypatch.setattr(handler_context(platform).user_data.detector, "model", _BrightBlob())
     frame = np.zeros((H, W, 3), dtype=np.uint8)
     frame[10:30, 40:52] = 255
     frame[30:34, 40:44] = 255  # an L: 12x20 block with a 4x4 foot

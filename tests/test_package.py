@@ -106,10 +106,8 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_bundle(
-        tmp_path_factory.mktemp("runs") / "bccd-v2", LABELS, min_size=96, max_size=128
-    )
+def run_dir(shared_bundle) -> Path:
+    return shared_bundle(LABELS, name="bccd-v2", min_size=96, max_size=128)
 
 
 @pytest.fixture(scope="module")

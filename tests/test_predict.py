@@ -15,7 +15,6 @@ from faster_coco_eval.core import mask as mask_utils
 
 from serverless.detector import Detector
 from serverless.imageio import read_image
-from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.inference import draw_preview, find_images, predict_folder
 
@@ -66,8 +65,8 @@ def write_tree(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle"), LABELS, threshold=0.5)
+def bundle(shared_bundle) -> Path:
+    return shared_bundle(LABELS, threshold=0.5)
 
 
 @pytest.fixture(scope="module")

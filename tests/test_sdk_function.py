@@ -24,7 +24,7 @@ from cvat_sdk.datasets.common import MediaElement, Sample
 from cvat_sdk.masks import decode_mask
 
 from serverless.imageio import decode_image
-from tests.factories import make_bundle
+from tests.factories import MASK_BUNDLE
 from trainer.cvat.sdk_function import BundleFunction, create
 
 LABELS = ["cell", "debris"]
@@ -118,21 +118,13 @@ def run_annotate_task(monkeypatch, function, frames, labels, **kwargs) -> list:
 
 
 @pytest.fixture(scope="module")
-def box_bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("box"), LABELS, threshold=0.5)
+def box_bundle(shared_bundle) -> Path:
+    return shared_bundle(LABELS, threshold=0.5)
 
 
 @pytest.fixture(scope="module")
-def mask_bundle(tmp_path_factory) -> Path:
-    return make_bundle(
-        tmp_path_factory.mktemp("mask"),
-        LABELS,
-        arch="maskrcnn_resnet50_fpn_v2",
-        threshold=0.5,
-        min_size=64,
-        max_size=96,
-        detections_per_img=5,
-    )
+def mask_bundle(shared_bundle) -> Path:
+    return shared_bundle(LABELS, **MASK_BUNDLE)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""``python -m trainer train`` end to end on generated CVAT exports (CPU)."""
+"""``python -m trainer train`` end to end on generated CVAT exports (CPU): resuming, refusals,
+several processes. What a trained run scores and serves: test_trained.py; every architecture:
+test_architectures.py."""
 
 from __future__ import annotations
 
@@ -8,76 +10,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from serverless.detector import Detector
+from tests.conftest import TRAIN_FAST
 from trainer.commands import main
 from trainer.data.synth import generate
 from trainer.training import engine
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--arch", "fasterrcnn_mobilenet_v3_large_fpn", "--weights", "none", "--device", "cpu",
-        "--roi-batch-size", "64", "--workers", "0", "--patience", "0"]
 
 
-@pytest.fixture(scope="module")
-def learnt(tmp_path_factory) -> Path:
-    """A run trained long enough that a broken loss, box format or label offset would show."""
-    base = tmp_path_factory.mktemp("learn")
-    export = generate(base / "data", seed=1, train=32, val=12, empty=2, labels=("circle", "square"),
-                      formats=("cvat",))["cvat"]
-    run = base / "run"
-    code = main(["train", str(export), "--out", str(run), "--epochs", "10", "--image-size", "224",
-                 "--warmup-iters", "30", "--lr", "0.02", *FAST])
-    assert code == 0
-    return run
-
-
-@pytest.mark.slow
-def test_training_learns_the_generated_objects(learnt):
-    metrics = json.loads((learnt / "metrics.json").read_text())
-    assert metrics["mAP50"] >= 0.3, metrics["summary"]
-
-
-def test_run_holds_the_bundle_reports_and_plots(learnt):
-    info = json.loads((learnt / "model.json").read_text())
-    assert info["labels"] == ["circle", "square"]
-    assert info["architecture"] == "fasterrcnn_mobilenet_v3_large_fpn"
-    assert 0.0 < info["threshold"] < 1.0
-    assert set(info["class_thresholds"]) == {"circle", "square"}
-    assert info["provenance"]["data"]["objects"] > 0 and info["provenance"]["epochs_run"] == 10
-    sizing = info["provenance"]["sizing"]  # what train chose and why, with the object sizes it saw
-    assert sizing["how"] == {"image_size": "given", "anchors": "fitted to the training boxes"}
-    assert info["anchors"] == sizing["anchors"] and len(info["anchors"]["sizes"]) == 3
-    assert set(sizing["objects"]) == {"circle", "square"} and info["min_size"] == 224
-    for name in ("weights.pt", "labels.txt", "results.txt", "metrics.json", "history.csv",
-                 "config.yaml"):
-        assert (learnt / name).stat().st_size > 0, name
-    assert len(list((learnt / "plots").glob("*.png"))) >= 3
-    rows = (learnt / "history.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,") and len(rows) == 11
-
-
-def test_bundle_loads_in_the_runtime_without_trainer(learnt):
-    code = (
-        "import sys, numpy as np\n"
-        "from serverless.detector import Detector\n"
-        f"d = Detector({str(learnt)!r}, 'cpu')\n"
-        "d.detect(np.zeros((240, 320, 3), np.uint8))\n"
-        "assert not [m for m in sys.modules if m == 'trainer' or m.startswith('trainer.')]\n"
-        "print(d.labels)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "circle" in out.stdout
-
-
-def test_existing_run_is_not_overwritten(learnt, capsys):
-    before = (learnt / "weights.pt").stat().st_mtime_ns
-    assert main(["train", "unused.zip", "--out", str(learnt), *FAST]) == 2
+def test_existing_run_is_not_overwritten(shared_bundle, capsys):
+    run = shared_bundle(["cell", "debris"])
+    before = (run / "weights.pt").stat().st_mtime_ns
+    assert main(["train", "unused.zip", "--out", str(run), *TRAIN_FAST]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert (learnt / "weights.pt").stat().st_mtime_ns == before
+    assert (run / "weights.pt").stat().st_mtime_ns == before
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +37,10 @@ def tiny_export(tmp_path_factory) -> Path:
 
 def _tiny(export: Path, out: Path, *extra: str) -> list[str]:
     return ["train", str(export), "--out", str(out), "--epochs", "3", "--image-size", "128",
-            "--batch-size", "2", "--warmup-iters", "2", *FAST, *extra]
+            "--batch-size", "2", "--warmup-iters", "2", *TRAIN_FAST, *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_export, tmp_path, monkeypatch):
     assert main(_tiny(tiny_export, tmp_path / "straight")) == 0
     real, calls = engine.train_one_epoch, []
@@ -130,18 +80,3 @@ def test_two_process_ddp_on_cpu(tiny_export, tmp_path):
     info = json.loads((out / "model.json").read_text())
     assert info["provenance"]["split"]["train"] == 6
     assert "2 x cpu" in result.stdout
-
-
-def test_mask_rcnn_trains_on_polygons_and_masks_and_serves_masks(tmp_path):
-    export = generate(tmp_path / "data", seed=3, train=4, val=2, empty=0, size=(128, 96), shapes="mixed",
-                      formats=("cvat",))["cvat"]
-    out = tmp_path / "masks"
-    argv = ["train", str(export), "--out", str(out), "--arch", "maskrcnn_resnet50_fpn_v2",
-            "--weights", "none", "--device", "cpu", "--epochs", "1", "--image-size", "96",
-            "--batch-size", "2", "--workers", "0", "--roi-batch-size", "32", "--detections-per-img", "10"]
-    assert main(argv) == 0
-    info = json.loads((out / "model.json").read_text())
-    assert info["shape_type"] == "mask" and info["architecture"] == "maskrcnn_resnet50_fpn_v2"
-    detector = Detector(out, "cpu")
-    found = detector.detect(np.full((96, 128, 3), 200, np.uint8), threshold=0.0)
-    assert detector.has_masks and len(found.masks) == len(found) > 0

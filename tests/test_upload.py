@@ -21,7 +21,6 @@ from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
 
 from serverless.detector import Detector
 from serverless.errors import UserError
-from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.cvat import server as cvat_server
 from trainer.cvat.upload import (
@@ -158,8 +157,8 @@ class FakeClient:
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory) -> Detector:
-    bundle = make_bundle(tmp_path_factory.mktemp("bundle"), ["cell", "debris"], threshold=0.5)
+def detector(shared_bundle) -> Detector:
+    bundle = shared_bundle(["cell", "debris"], threshold=0.5)
     detector = Detector(bundle, "cpu")
     detector.model = BrightObjects()
     return detector
@@ -326,9 +325,9 @@ def test_track_frames_count_as_annotated_until_outside():
     assert annotated_frames(annotations, size=9) == {2, 3, 6, 7, 8}
 
 
-def test_cli_dry_run_against_a_server(monkeypatch, tmp_path, capsys):
+def test_cli_dry_run_against_a_server(monkeypatch, shared_bundle, capsys):
     """``predict --server``: the real (untrained) network, one empty frame, nothing sent."""
-    bundle = make_bundle(tmp_path / "run", ["cell", "debris"])
+    bundle = shared_bundle(["cell", "debris"])
     task = FakeTask(15, nv_labels())
     task.annotations.shapes += [SimpleNamespace(frame=i) for i in range(2, 9)]  # all but frame 0
     urls = []

@@ -133,13 +133,32 @@ def predict_folder(
         )
         for i in det.drawable():
             label = det.labels[i]
-            ann = det.coco_annotation(i, (height, width), category_ids[label])
+            ann = coco_annotation(det, i, (height, width), category_ids[label])
             ann.update(id=len(result.coco["annotations"]) + 1, image_id=image_id)
             result.coco["annotations"].append(ann)
             result.counts[label] += 1
         if previews is not None:
             save_preview(draw_preview(image, det, detector.labels), previews / rel)
     return result
+
+
+def coco_annotation(det: Detections, i: int, hw: tuple[int, int], category_id: int) -> dict[str, Any]:
+    """Detection ``i`` as a COCO result: bbox [x, y, w, h], score, and RLE when it has a mask."""
+    x1, y1, x2, y2 = (float(v) for v in det.boxes[i])
+    ann: dict[str, Any] = {
+        "category_id": category_id,
+        "bbox": [x1, y1, x2 - x1, y2 - y1],
+        "area": (x2 - x1) * (y2 - y1),
+        "score": float(det.scores[i]),
+        "iscrowd": 0,
+    }
+    if det.masks:  # box models never load the RLE code
+        from faster_coco_eval.core import mask as mask_utils
+
+        rle = mask_utils.encode(np.asfortranarray(det.full_mask(i, hw), dtype=np.uint8))
+        ann["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+        ann["area"] = float(mask_utils.area(rle))
+    return ann
 
 
 def coco_skeleton(detector: Detector, threshold: float | None) -> dict[str, Any]:
