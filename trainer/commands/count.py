@@ -59,10 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from serverless.errors import UserError
     from trainer.commands import read_options
-    from trainer.data.options import DataOptions, load_from_args
-    from trainer.evaluation.counts import count_annotations, split_label, tabulate
+    from trainer.data.options import DataOptions, load_from_args, split_unvalidated, with_unvalidated_labels
+    from trainer.evaluation.counts import count_annotations, tabulate
 
-    options = read_options(DataOptions, args)
+    options = with_unvalidated_labels(read_options(DataOptions, args))
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a folder")
     warnings: list[str] = []
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise UserError(f"{' and '.join(given)} only apply with --model RUN")
         data = load_from_args(options, require_images=False)
-        labels = list(dict.fromkeys(split_label(name)[0] for name in data.labels))
+        labels = list(dict.fromkeys(split_unvalidated(name)[0] for name in data.labels))
         tables, kind, failed = tabulate(count_annotations(data.images), labels), "annotations", []
     _write(args.out, tables, labels, kind)
     _report(args, tables, warnings, failed, kind)

@@ -136,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
     from trainer.crop.ecotaxa import EcoTaxaOptions
     from trainer.crop.exporter import CropOptions, crop_annotations, crop_detections
     from trainer.crop.geometry import CropSpec
-    from trainer.data.options import DataOptions
+    from trainer.data.options import DataOptions, with_unvalidated_labels
 
-    data_options = read_options(DataOptions, args)
+    data_options = with_unvalidated_labels(read_options(DataOptions, args))
     if args.mask_alpha and args.format == "source":
         raise UserError("--mask-alpha writes RGBA PNG files; it cannot go with --format source")
     if args.pixel_size is not None and not args.ecotaxa:

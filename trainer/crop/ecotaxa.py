@@ -30,13 +30,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from serverless.errors import UserError
+from trainer.data.options import split_unvalidated
 
 if TYPE_CHECKING:
     from trainer.crop.worker import CropJob, CropObject
 
 ECOTAXA_TSV = "ecotaxa_crops.tsv"
-#: Label suffix of not-validated labels (``predict --nv``).
-NV_SUFFIX = "_NV"
 #: (column, type) of every line; process columns are added for detections.
 COLUMNS = [
     ("img_file_name", "[t]"), ("img_rank", "[f]"), ("object_id", "[t]"),
@@ -98,8 +97,8 @@ class EcoTaxaTable:
 
 def _row(job: CropJob, obj: CropObject, options: EcoTaxaOptions) -> list[str]:
     label = obj.shape.label
-    not_validated = label.endswith(NV_SUFFIX) and len(label) > len(NV_SUFFIX)
-    category = label[: -len(NV_SUFFIX)] if not_validated else label
+    category, validated = split_unvalidated(label)
+    not_validated = not validated
     x1, y1, x2, y2 = obj.box
     width, height = x2 - x1, y2 - y1
     size = options.pixel_size

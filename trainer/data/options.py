@@ -24,6 +24,22 @@ ROLES = ("train", "val", "test")
 UNVALIDATED_SUFFIX = "_NV"
 
 
+def split_unvalidated(label: str) -> tuple[str, bool]:
+    """("RBC", False) for "RBC_NV" (an unvalidated pre-annotation), ("RBC", True) for "RBC"."""
+    if label.endswith(UNVALIDATED_SUFFIX) and len(label) > len(UNVALIDATED_SUFFIX):
+        return label[: -len(UNVALIDATED_SUFFIX)], False
+    return label, True
+
+
+def with_unvalidated_labels(options: DataOptions) -> DataOptions:
+    """The options of commands that report pre-annotations rather than learn from them (count,
+    crop): unvalidated labels are read as labels of their own ("RBC_NV"), so they are counted and
+    cut apart, unless --include-unvalidated reads them as their label."""
+    from dataclasses import replace
+
+    return options if options.include_unvalidated else replace(options, unvalidated_suffix="")
+
+
 def parse_names(text: str) -> list[str]:
     """"RBC, WBC" -> ["RBC", "WBC"]."""
     names = [n.strip() for n in text.split(",") if n.strip()]

@@ -27,21 +27,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trainer.data.options import split_unvalidated
+
 #: Suffix of not-validated labels (``predict --nv``).
-NV_SUFFIX = "_NV"
 #: Monte Carlo draws of the interval; fixed seed so a table is reproducible.
 DRAWS = 4000
 SEED = 0
 #: Below these, the validation set is too small to support a correction.
 MIN_GT = 30
 MIN_TP = 10
-
-
-def split_label(label: str) -> tuple[str, bool]:
-    """("RBC", False) for "RBC_NV", ("RBC", True) for "RBC"."""
-    if label.endswith(NV_SUFFIX) and len(label) > len(NV_SUFFIX):
-        return label[: -len(NV_SUFFIX)], False
-    return label, True
 
 
 @dataclass
@@ -177,7 +171,7 @@ def count_annotations(images: Iterable) -> list[ImageCount]:
     out = []
     for im in images:
         sample = f"task {im.task_id}" if im.task_id is not None else im.subset
-        out.append(ImageCount(im.identity, sample, Counter(split_label(s.label) for s in im.shapes)))
+        out.append(ImageCount(im.identity, sample, Counter(split_unvalidated(s.label) for s in im.shapes)))
     return out
 
 
