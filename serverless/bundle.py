@@ -129,6 +129,29 @@ class BundleInfo:
         return info
 
 
+class ServedBundle:
+    """What every detector serving a bundle answers from its model.json: the PyTorch Detector and
+    the OpenVINO EngineDetector inherit it, so the function treats both alike."""
+
+    info: BundleInfo
+
+    @property
+    def labels(self) -> list[str]:
+        return self.info.labels
+
+    @property
+    def has_masks(self) -> bool:
+        return self.info.shape_type == "mask"
+
+    def warmup(self, size: tuple[int, int] = (480, 640)) -> None:
+        """Run one dummy frame so the first real request does not pay for lazy initialisation."""
+        self.detect(np.zeros((*size, 3), dtype=np.uint8))  # type: ignore[attr-defined]
+
+    def thresholds(self, threshold: float | None) -> np.ndarray:
+        """Per-class score thresholds: the caller's for every class, else the calibrated ones."""
+        return self.info.score_floors(threshold)
+
+
 def load_info(bundle_dir: str | Path) -> BundleInfo:
     path = Path(bundle_dir) / MODEL_JSON
     try:

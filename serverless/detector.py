@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serverless.bundle import BundleInfo, load_model
+from serverless.bundle import BundleInfo, ServedBundle, load_model
 from serverless.detections import Detections
 from serverless.errors import DeviceError
 from serverless.imageio import frame_size
@@ -61,7 +61,7 @@ def pick_device(device: str = "auto") -> torch.device:
     return chosen
 
 
-class Detector:
+class Detector(ServedBundle):
     """A loaded bundle ready to detect objects in decoded RGB uint8 images.
 
     ``precision``: one of :data:`serverless.precision.MODES` (``auto`` by default).
@@ -76,22 +76,6 @@ class Detector:
         self.info.check_tiles(f"{self.bundle_dir}/model.json")
         self._staging: torch.Tensor | None = None  # pinned host buffer reused across requests
         self._cpu_model: torch.nn.Module | None = None  # loaded on the first GPU out-of-memory
-
-    @property
-    def labels(self) -> list[str]:
-        return self.info.labels
-
-    @property
-    def has_masks(self) -> bool:
-        return self.info.shape_type == "mask"
-
-    def warmup(self, size: tuple[int, int] = (480, 640)) -> None:
-        """Run one dummy frame so the first real request does not pay for lazy initialisation."""
-        self.detect(np.zeros((*size, 3), dtype=np.uint8))
-
-    def thresholds(self, threshold: float | None) -> np.ndarray:
-        """Per-class score thresholds: the caller's for every class, else the calibrated ones."""
-        return self.info.score_floors(threshold)
 
     @torch.inference_mode()
     def detect(self, image: Frame, threshold: float | None = None) -> Detections:

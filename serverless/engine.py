@@ -34,7 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from serverless.bundle import ENGINE_BIN, ENGINE_JSON, ENGINE_XML, WEIGHTS, BundleError, BundleInfo, load_info
+from serverless.bundle import (
+    ENGINE_BIN,
+    ENGINE_JSON,
+    ENGINE_XML,
+    WEIGHTS,
+    BundleError,
+    BundleInfo,
+    ServedBundle,
+    load_info,
+)
 from serverless.detections import Detections
 from serverless.errors import UserError
 from serverless.tiling import Part, frame_windows, inclusive_box, merge, window_part
@@ -194,7 +203,7 @@ class OpenVinoNetwork:
         return request
 
 
-class EngineDetector:
+class EngineDetector(ServedBundle):
     """A bundle's verified OpenVINO export ready to detect objects in decoded RGB uint8 images: the
     API of :class:`serverless.detector.Detector`, on the CPU, without torch."""
 
@@ -207,22 +216,6 @@ class EngineDetector:
         self.engine = load_engine_info(bundle_dir)
         self.network = OpenVinoNetwork(self.bundle_dir / ENGINE_XML, threads or cpu_threads(), precision)
         self.precision = precision
-
-    @property
-    def labels(self) -> list[str]:
-        return self.info.labels
-
-    @property
-    def has_masks(self) -> bool:
-        return self.info.shape_type == "mask"
-
-    def warmup(self, size: tuple[int, int] = (480, 640)) -> None:
-        """Run one dummy frame so the first real request does not pay for lazy initialisation."""
-        self.detect(np.zeros((*size, 3), dtype=np.uint8))
-
-    def thresholds(self, threshold: float | None) -> np.ndarray:
-        """Per-class score thresholds: the caller's for every class, else the calibrated ones."""
-        return self.info.score_floors(threshold)
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> Detections:
         """Detect objects in an HxWx3 uint8 RGB image."""
