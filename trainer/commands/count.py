@@ -124,17 +124,13 @@ def _count_folder(detector: Any, args: argparse.Namespace) -> tuple[list, list[s
 def _count_tasks(detector: Any, args: argparse.Namespace, options: Any) -> tuple[list, list[str]]:
     from serverless.errors import UserError
     from trainer.cvat.server import connect
-    from trainer.cvat.upload import TaskReport, eligible_frames, fetch_frame, find_tasks, upload_errors
+    from trainer.cvat.upload import fetch_frame, task_frames, upload_errors
     from trainer.evaluation.counts import count_detections
 
     if not options.tasks and options.project is None:
         raise UserError("--server needs --tasks IDS or --project ID")
     with connect(options.server) as client, upload_errors(options.server):
-        tasks = {t.id: t for t in find_tasks(client, options.tasks or (), options.project)}
-        items = []
-        for task in tasks.values():
-            frames = eligible_frames(task, True, TaskReport(task.id, task.name))
-            items += [(task.id, index, name) for index, name in frames.items()]
+        tasks, items = task_frames(client, options.tasks or (), options.project, all_frames=True)
         return count_detections(
             detector, items, lambda item: fetch_frame(tasks[item[0]], item[1]),
             lambda item: (item[2] or f"frame {item[1]}", f"task {item[0]}"), args.threshold,

@@ -118,15 +118,11 @@ def _rank_folder(args: argparse.Namespace, detector: Any) -> tuple[list, list[st
 def _run_server(args: argparse.Namespace, detector: Any) -> int:
     from trainer.cvat.mark import mark_frames, mark_lines
     from trainer.cvat.server import connect
-    from trainer.cvat.upload import TaskReport, eligible_frames, fetch_frame, find_tasks, upload_errors
+    from trainer.cvat.upload import fetch_frame, task_frames, upload_errors
     from trainer.evaluation.suggest import rank, score_frames
 
     with connect(args.server) as client, upload_errors(args.server):
-        tasks = {t.id: t for t in find_tasks(client, args.tasks or (), args.project)}
-        items = []
-        for task in tasks.values():
-            frames = eligible_frames(task, False, TaskReport(task.id, task.name))
-            items += [(task.id, index, name) for index, name in frames.items()]
+        tasks, items = task_frames(client, args.tasks or (), args.project, all_frames=False)
 
         def read(item: tuple) -> Any:
             return fetch_frame(tasks[item[0]], item[1])

@@ -282,6 +282,19 @@ def annotated_frames(annotations: Any, size: int, ignore_tags: set[int] = frozen
     return frames
 
 
+def task_frames(
+    client: Any, task_ids: Iterable[int], project_id: int | None, all_frames: bool
+) -> tuple[dict[int, Any], list[tuple[int, int, str]]]:
+    """(tasks by id, their eligible frames as (task id, frame number, file name)), for the commands
+    that read every frame of some tasks (count, suggest)."""
+    tasks = {t.id: t for t in find_tasks(client, task_ids, project_id)}
+    items = []
+    for task in tasks.values():
+        frames = eligible_frames(task, all_frames, TaskReport(task.id, task.name))
+        items += [(task.id, index, name) for index, name in frames.items()]
+    return tasks, items
+
+
 def fetch_frame(task: Any, index: int) -> np.ndarray:
     """The original frame file, decoded as the function decodes it."""
     data = task.get_frame(index, quality="original").read()
