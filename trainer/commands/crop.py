@@ -73,7 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     det.add_argument("--model", metavar="RUN", help="trained model (a run / bundle folder)")
     det.add_argument("--images", metavar="DIR", help="folder of images (searched recursively)")
     add_model_options(det)
-    geo = parser.add_argument_group("what is cut")
+    _add_geometry(parser.add_argument_group("what is cut"))
+    _add_output(parser.add_argument_group("how it is written"))
+
+
+def _add_geometry(geo: argparse._ArgumentGroup) -> None:
     pad = geo.add_mutually_exclusive_group()
     pad.add_argument(
         "--padding", type=_non_negative, default=0.0, metavar="PX",
@@ -103,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask-alpha", action="store_true",
         help="RGBA PNG: transparent outside the object's mask, polygon or box",
     )  # fmt: skip
-    out = parser.add_argument_group("how it is written")
+
+
+def _add_output(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
         "--format", choices=("png", "source"), default="png",
         help="png (lossless, default) or each source image's own format (jpg stays jpg)",
