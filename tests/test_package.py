@@ -314,3 +314,21 @@ def test_cli_packages_models_side_by_side_and_prints_the_next_step(run_dir, tmp_
     assert main(["package", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "model.json" in err and not (tmp_path / "x").exists()
+
+
+def test_the_demo_serves_its_cpu_package_with_the_environment_nuclio_gives_it(cpu_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The demo's handler step calls the function it packaged with --cpu: an OpenVINO bundle
+    without weights.pt, which serves only with function.yaml's environment (the engine)."""
+    from PIL import Image
+
+    from trainer.commands.demo import _call_handler
+
+    fn = package_function(cpu_run, tmp_path / "cpu", cpu=True, frames=FRAMES).out
+    assert not (fn / "bundle" / "weights.pt").exists()
+    frame = tmp_path / "frame.jpg"
+    Image.effect_noise((160, 120), 60).convert("RGB").save(frame)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    _call_handler(fn, frame)
+    assert "HTTP 200" in capsys.readouterr().out
+    assert os.environ["CVAT_DETECTOR_ENGINE"] == "openvino"

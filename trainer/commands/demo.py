@@ -95,8 +95,13 @@ def _held_out_frame(export: Path) -> Path:
 def _call_handler(function: Path, frame: Path) -> None:
     """Invoke main.handler through nuclio-sdk with the exact JSON body CVAT sends."""
     import nuclio_sdk
+    import yaml
     from nuclio_sdk.test import Platform
 
+    # The environment Nuclio gives the function (function.yaml's spec.env: the engine, the score
+    # attribute), with the bundle where it lies here rather than at its path in the image.
+    spec = yaml.safe_load((function / "function.yaml").read_text())["spec"]
+    os.environ.update({e["name"]: str(e["value"]) for e in spec.get("env", [])})
     os.environ["CVAT_DETECTOR_BUNDLE"] = str(function / "bundle")
     os.environ.setdefault("CVAT_DETECTOR_DEVICE", "cpu")
     from serverless import main as function_main
