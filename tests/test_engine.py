@@ -174,15 +174,20 @@ def test_serving_the_engine_never_imports_torch(exported):
     assert int(done.stdout) >= 0
 
 
-def test_predict_with_the_engine_writes_what_pytorch_writes(exported, tmp_path):
+def _frame_folder(folder: Path) -> Path:
+    """Two generated frames as PNG files, of sizes the export was not verified on."""
     from PIL import Image
 
+    folder.mkdir()
+    for name, frame in generated_frames(((200, 150), (97, 203)), seed=3):
+        Image.fromarray(frame).save(folder / f"{name.split()[-1]}.png")
+    return folder
+
+
+def test_predict_with_the_engine_writes_what_pytorch_writes(exported, tmp_path):
     from trainer.commands import main
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, frame in generated_frames(((200, 150), (97, 203)), seed=3):
-        Image.fromarray(frame).save(images / f"{name.split()[-1]}.png")
+    images = _frame_folder(tmp_path / "images")
     results = {}
     for engine in ("pytorch", "openvino"):
         out = tmp_path / f"{engine}.json"
@@ -230,14 +235,9 @@ def test_cpu_package_serves_the_engine_and_says_what_it_was_verified_on(exported
 def test_crop_with_the_engine_cuts_what_pytorch_cuts(exported, tmp_path):
     import csv
 
-    from PIL import Image
-
     from trainer.commands import main
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, frame in generated_frames(((200, 150), (97, 203)), seed=3):
-        Image.fromarray(frame).save(images / f"{name.split()[-1]}.png")
+    images = _frame_folder(tmp_path / "images")
     rows = {}
     for engine in ("pytorch", "openvino"):
         out = tmp_path / engine
