@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from trainer.data.synth import generate
@@ -33,6 +34,19 @@ TRAIN_FAST = ["--arch", "fasterrcnn_mobilenet_v3_large_fpn", "--weights", "none"
               "--roi-batch-size", "64", "--workers", "0", "--patience", "0"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker computes on its share of the cores. torch, OpenMP and OpenVINO each take
+    every core by default, and two workers doing so spin against each other: the trained fixture
+    took 600 s instead of about 110. Subprocesses (the packaged function, the CLI) inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", share)
+        os.environ.setdefault("CVAT_DETECTOR_THREADS", share)  # serverless.engine.cpu_threads
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns the groups into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group each module's tests (unless they name their own xdist_group); the groups with the
     most slow tests first, then the largest, so long work never starts while the other idles."""
@@ -43,6 +57,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     size = Counter(groups.values())
     slow = Counter(groups[item.nodeid] for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: (-slow[groups[item.nodeid]], -size[groups[item.nodeid]]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Refuse to run if pytest-xdist's groups did not take: every module fixture (trained runs
+    among them) would be rebuilt each time a worker switches modules, and the suite take far longer."""
+    lost = [nodeid for nodeid in ids if "@" not in nodeid.rsplit("]", 1)[-1]]
+    if node.config.getvalue("dist") == "loadgroup" and lost:
+        pytest.exit(f"pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more): this pytest and "
+                    "pytest-xdist do not work together (pyproject.toml pins them)", 4)
 
 
 def _group(item: pytest.Item) -> str:
@@ -77,6 +101,17 @@ def build_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path
             build(partial)
             partial.rename(target)
     return target
+
+
+@contextmanager
+def module_dir(request: pytest.FixtureRequest, name: str) -> Iterator[Path]:
+    """A module fixture's folder, removed when its module is done unless a test failed meanwhile:
+    trained runs weigh hundreds of MB, and a whole run would otherwise hold them all on disk."""
+    failed = request.session.testsfailed
+    path = request.getfixturevalue("tmp_path_factory").mktemp(name)
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

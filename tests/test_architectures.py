@@ -15,6 +15,7 @@ import io
 import json
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from serverless.architectures import ARCHITECTURES
 from serverless.detector import Detector
+from tests.conftest import module_dir
 from tests.test_handler import call, handler_context, started_platform
 from tests.test_shapes import assert_cvat_shapes
 from trainer.commands import main
@@ -80,14 +82,14 @@ def _train(export: Path, out: Path, arch: str, start: str, monkeypatch: pytest.M
     scope="module",
     params=[pytest.param(a, marks=pytest.mark.xdist_group(f"arch-{a}")) for a in sorted(ARCHITECTURES)],
 )
-def runs(request, exports, tmp_path_factory) -> dict[str, Any]:
+def runs(request, exports) -> Iterator[dict[str, Any]]:
     """One architecture trained one step from scratch, then retrained from that run."""
-    arch, base = request.param, tmp_path_factory.mktemp(request.param)
-    with pytest.MonkeyPatch.context() as mp:
+    arch = request.param
+    with module_dir(request, arch) as base, pytest.MonkeyPatch.context() as mp:
         first_start = _train(exports[FIRST], base / "first", arch, "none", mp)
         second_start = _train(exports[SECOND], base / "second", arch, str(base / "first"), mp)
-    return {"arch": arch, "first": base / "first", "second": base / "second",
-            "first_start": first_start, "second_start": second_start}
+        yield {"arch": arch, "first": base / "first", "second": base / "second",
+               "first_start": first_start, "second_start": second_start}
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

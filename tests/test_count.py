@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from serverless import detector as detector_module
 from serverless.bundle import BundleInfo
 from serverless.detector import Detections, Detector
 from serverless.imageio import read_image
+from tests.conftest import module_dir
 from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.data.readers import load_dataset
@@ -92,9 +94,13 @@ def test_evidence_saved_by_training_is_read_back_as_counts():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> dict[str, Path]:
+def project(request) -> Iterator[dict[str, Path]]:
     """A validation export, and 48 other generated images spread over six sample folders."""
-    base = tmp_path_factory.mktemp("count")
+    with module_dir(request, "count") as base:
+        yield _project(base)
+
+
+def _project(base: Path) -> dict[str, Path]:
     validation = generate(base / "val", seed=5, train=30, val=10, empty=0, formats=("cvat",), zipped=False)
     counted = generate(base / "new", seed=6, train=40, val=8, empty=0, formats=("cvat",), zipped=False)
     images = base / "samples"

@@ -8,11 +8,13 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from serverless.imageio import decode_image
+from tests.conftest import module_dir
 from trainer.deploy.nuclio import package_function
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +52,13 @@ NVIDIA_SMI = 'print("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0000)")'
 
 
 @pytest.fixture(scope="module")
-def functions(tmp_path_factory, shared_bundle) -> dict[str, Path]:
+def functions(request, shared_bundle) -> Iterator[dict[str, Path]]:
     """A trained run, and function directories packaged from it for the GPU and the CPU."""
-    root = tmp_path_factory.mktemp("deploy")
-    run = shared_bundle(["cell"], min_size=64, max_size=96)
-    package_function(run, root / "fn-gpu", name="cells")
-    package_function(run, root / "fn-cpu", name="cells-cpu", cpu=True)
-    return {"run": run, "gpu": root / "fn-gpu", "cpu": root / "fn-cpu"}
+    with module_dir(request, "deploy") as root:
+        run = shared_bundle(["cell"], min_size=64, max_size=96)
+        package_function(run, root / "fn-gpu", name="cells")
+        package_function(run, root / "fn-cpu", name="cells-cpu", cpu=True)
+        yield {"run": run, "gpu": root / "fn-gpu", "cpu": root / "fn-cpu"}
 
 
 #: The only other programs deploy_gpu.sh runs; a real docker or nvidia-smi never leaks in.

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from serverless.engine import (
 )
 from serverless.errors import UserError
 from serverless.tiling import inclusive_box
+from tests.conftest import module_dir
 from tests.factories import make_bundle
 from trainer.deploy import export
 from trainer.deploy.export import (
@@ -46,12 +48,13 @@ FRAMES = generated_frames(((160, 120), (301, 100), (90, 160)), seed=1)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
+def exported(request) -> Iterator[Path]:
     """A tiny MobileNet bundle and its verified export (the expensive part, done once)."""
-    bundle = make_bundle(tmp_path_factory.mktemp("engine"), ["cell", "debris"], min_size=128,
-                         max_size=192, threshold=0.05, detections_per_img=50, feature_gain=1e8)  # fmt: skip
-    export_engine(bundle, FRAMES, threads=2)
-    return bundle
+    with module_dir(request, "engine") as folder:
+        bundle = make_bundle(folder, ["cell", "debris"], min_size=128, max_size=192, threshold=0.05,
+                             detections_per_img=50, feature_gain=1e8)  # fmt: skip
+        export_engine(bundle, FRAMES, threads=2)
+        yield bundle
 
 
 def _copy(bundle: Path, target: Path) -> Path:
@@ -98,6 +101,7 @@ def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     assert _cgroup_quota(tmp_path / "v1") is None
     assert _cgroup_quota(tmp_path / "nothing") is None
+    monkeypatch.delenv(THREADS_ENV, raising=False)  # the suite sets it to each worker's share
     monkeypatch.setattr("serverless.engine._cgroup_quota", lambda: 1.5)
     assert cpu_threads() == 1  # a quota of 1.5 CPUs: two threads would be throttled
     monkeypatch.setenv(THREADS_ENV, "3")

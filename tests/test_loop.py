@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from serverless.detector import Detector
+from tests.conftest import module_dir
 from tests.factories import write_task_export
 from trainer.commands import main
 from trainer.data.readers import load_dataset
@@ -34,17 +35,17 @@ def roles(run) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
+def loop(request):
     """v1: frames 0-19; v2: 3 removed, 4 added (+20%); run1 on v1, run2 retrained from run1 on v2."""
-    base = tmp_path_factory.mktemp("loop")
-    v1 = write_task_export(base / "v1", range(20))
-    v2 = write_task_export(base / "v2", range(3, 24))
-    run1, run2 = base / "run1", base / "run2"
-    common = ["--epochs", "1", "--val-fraction", "0.3"]
-    assert main(["train", str(v1), "--out", str(run1), *common, *FAST]) == 0
-    retrain = [a if a != "none" else str(run1) for a in FAST]  # --weights run1
-    assert main(["train", str(v2), "--out", str(run2), *common, *retrain]) == 0
-    return SimpleNamespace(v1=v1, v2=v2, run1=run1, run2=run2)
+    with module_dir(request, "loop") as base:
+        v1 = write_task_export(base / "v1", range(20))
+        v2 = write_task_export(base / "v2", range(3, 24))
+        run1, run2 = base / "run1", base / "run2"
+        common = ["--epochs", "1", "--val-fraction", "0.3"]
+        assert main(["train", str(v1), "--out", str(run1), *common, *FAST]) == 0
+        retrain = [a if a != "none" else str(run1) for a in FAST]  # --weights run1
+        assert main(["train", str(v2), "--out", str(run2), *common, *retrain]) == 0
+        yield SimpleNamespace(v1=v1, v2=v2, run1=run1, run2=run2)
 
 
 @pytest.mark.slow

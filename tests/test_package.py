@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import yaml
 from serverless.bundle import ENGINE_FILES, BundleInfo
 from serverless.engine import ENGINE_ENV
 from serverless.errors import UserError
+from tests.conftest import module_dir
 from tests.factories import make_bundle
 from trainer.commands import main
 from trainer.deploy import nuclio as package
@@ -111,11 +113,12 @@ def run_dir(shared_bundle) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory) -> Path:
+def cpu_run(request) -> Iterator[Path]:
     """A run whose OpenVINO export verifies on FRAMES: scores that differ (make_bundle's
     feature_gain), so that the 50-detection cap does not choose among ties."""
-    return make_bundle(tmp_path_factory.mktemp("runs") / "bccd-cpu", LABELS, min_size=128, max_size=192,
-                       threshold=0.05, detections_per_img=50, feature_gain=1e8)  # fmt: skip
+    with module_dir(request, "runs") as folder:
+        yield make_bundle(folder / "bccd-cpu", LABELS, min_size=128, max_size=192, threshold=0.05,
+                          detections_per_img=50, feature_gain=1e8)  # fmt: skip
 
 
 #: Small verification frames, one of a size at which float32 resize arithmetic is off.

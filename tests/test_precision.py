@@ -13,6 +13,7 @@ import torch
 from serverless import main
 from serverless.errors import DeviceError
 from serverless.precision import choose_precision
+from tests.conftest import module_dir
 from tests.factories import make_bundle
 from trainer.commands import main as cli
 from trainer.commands.train import add_arguments, options
@@ -177,8 +178,9 @@ class _Context:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle"), ["cell"], min_size=64, max_size=96)
+def bundle(request):
+    with module_dir(request, "bundle") as folder:
+        yield make_bundle(folder, ["cell"], min_size=64, max_size=96)
 
 
 def test_the_function_logs_its_precision_and_decoder_at_start(bundle, monkeypatch):

@@ -31,6 +31,7 @@ from nuclio_sdk.test import Platform
 
 from serverless import main
 from serverless.score_attribute import FORMAT_ENV, NAME_ENV, score_text
+from tests.conftest import module_dir
 from tests.factories import make_bundle
 from tests.test_sdk_function import BrightObjects, frame_files, run_annotate_task
 from tests.test_upload import FakeClient, FakeTask
@@ -100,8 +101,9 @@ def test_fractional_number_attribute_cannot_be_validated():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("run"), LABELS, threshold=0.0, min_size=96, max_size=128)
+def run_dir(request):
+    with module_dir(request, "run") as folder:
+        yield make_bundle(folder, LABELS, threshold=0.0, min_size=96, max_size=128)
 
 
 def _function_yaml(path) -> dict[str, Any]:

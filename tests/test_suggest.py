@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import torch
 
 from serverless import detector as detector_module
 from serverless.detector import Detector
+from tests.conftest import module_dir
 from tests.factories import make_bundle
 from tests.test_upload import FakeClient, FakeTask, label
 from trainer.commands import main
@@ -68,8 +70,9 @@ def frame(code: int, mirrored: int | None = None, colour=(90, 90, 90)) -> np.nda
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle"), ["cell"], threshold=THRESHOLD)
+def bundle(request) -> Iterator[Path]:
+    with module_dir(request, "bundle") as folder:
+        yield make_bundle(folder, ["cell"], threshold=THRESHOLD)
 
 
 @pytest.fixture
