@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +45,22 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", share)
         os.environ.setdefault("CVAT_DETECTOR_THREADS", share)  # serverless.engine.cpu_threads
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+#: What a whole run needs under the temporary folder (it peaks at about 1.6 GB), with a margin.
+DISK_NEEDED_GB = 2.5
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Say at once when the disk cannot hold a run: a full disk midway fails a hundred tests with
+    errors that do not name it (as a CI run once did)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    folder = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(folder).free / 1e9
+    if free < DISK_NEEDED_GB:
+        pytest.exit(f"{folder}: {free:.1f} GB free; the suite needs about {DISK_NEEDED_GB} GB "
+                    "(a run peaks at 1.6 GB; set TMPDIR to a folder on a disk with more room)", 4)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns the groups into node ids

@@ -33,6 +33,8 @@ pytestmark = pytest.mark.image
 
 LABELS = ["RBC", "WBC", "Platelets"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cvat-detector"
+#: Disk the environment's build needs: 5.2 GB installed, pip's unpacking besides.
+BUILD_GB = 7
 #: Modules of the workstation side that must never load in the function.
 FORBIDDEN = ["trainer", "cvat_sdk", "faster_coco_eval", "matplotlib", "tqdm"]
 
@@ -68,6 +70,11 @@ def _image_venv() -> Path:
     interpreter = shutil.which(f"python{python}")
     if interpreter is None:
         pytest.skip(f"python{python}, the Python of {image}, is not installed here")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(CACHE).free / 1e9
+    if free < BUILD_GB:
+        pytest.fail(f"{CACHE}: {free:.1f} GB free; building the function image's environment needs about "
+                    f"{BUILD_GB} GB (set XDG_CACHE_HOME to a folder on a disk with more room)", pytrace=False)
     tmp = venv.with_name(f"{venv.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pip = [str(tmp / "bin" / "python"), "-m", "pip"]
