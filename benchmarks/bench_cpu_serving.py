@@ -11,7 +11,8 @@ frame (tests/data/bccd_subset), decoded by the function's own decoder:
 - the speed-up: the median over rounds of PyTorch's time / the engine's (goal >= 2);
 - agreement with PyTorch (trainer.deploy.export.compare: boxes within 1 px or IoU >= 0.99, scores
   within 1e-3, nothing missing or extra) at the bundle's thresholds and at 0.05 (everything kept);
-- with --bf16, the same for OpenVINO bf16 (an opt-in: faster on AMX CPUs, not exact).
+- with --bf16, the same for OpenVINO bf16 (an opt-in: faster on AMX CPUs, not exact), its agreement
+  by the looser tolerance that ``package --engine-precision bf16`` checks (export.BF16).
 
 Bundles: --run DIR (a trained run; --serve-size MIN,MAX serves a copy at another resize, e.g. a demo
 model trained at 256 px at the default 800,1333), else untrained bundles of --arch at their default
@@ -44,8 +45,11 @@ from serverless.detector import Detector
 from serverless.engine import EngineDetector, cpu_threads
 from serverless.imageio import decode_image
 from trainer.deploy.export import (
+    BF16,
+    SAME,
     Agreement,
     EngineUnfaithful,
+    Tolerance,
     compare,
     export_engine,
     generated_frames,
@@ -122,7 +126,8 @@ def bench_bundle(bundle: Path, shots: dict[str, np.ndarray], args: argparse.Name
         print(f"  {name:18s} {_speeds(_timings(runners, frame, args.rounds))}   cpu pressure {pressure} -> "
               f"{_pressure()}", flush=True)  # fmt: skip
         for k, engine in engines.items():
-            agreements = [f"@{label} {_agreement(pytorch, engine, frame, t).summary()}"
+            tolerance = BF16 if engine.precision == "bf16" else SAME
+            agreements = [f"@{label} {_agreement(pytorch, engine, frame, t, tolerance).summary()}"
                           for label, t in (("bundle thresholds", None), ("0.05", 0.05))]  # fmt: skip
             print(f"    {k} agreement: " + "; ".join(agreements))
 
@@ -150,12 +155,12 @@ def _timings(runners: dict[str, Detector | EngineDetector], frame: np.ndarray, r
     return times
 
 
-def _agreement(pytorch: Detector, engine: EngineDetector, frame: np.ndarray, threshold: float | None
-               ) -> Agreement:
+def _agreement(pytorch: Detector, engine: EngineDetector, frame: np.ndarray, threshold: float | None,
+               tolerance: Tolerance) -> Agreement:
     labels = pytorch.labels
     ref = as_outputs(pytorch.detect(frame, threshold), labels)
     got = as_outputs(engine.detect(frame, threshold), labels)
-    return compare(ref, got, pytorch.thresholds(threshold))
+    return compare(ref, got, pytorch.thresholds(threshold), tolerance)
 
 
 def _ms(runner: Detector | EngineDetector, frame: np.ndarray) -> float:

@@ -142,6 +142,14 @@ def cpu_threads() -> int:
     return max(1, min(cpus, int(quota)) if quota else cpus)
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether OpenVINO computes in bf16 here when asked (CPUs with AMX or AVX512-BF16); elsewhere it
+    computes in f32 whatever it is asked."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The CPU quota in CPUs, or None when unlimited or unknown."""
     try:
@@ -269,7 +277,7 @@ def open_detector(
     if engine == "openvino":
         if device not in ("auto", "cpu"):
             raise UserError(f"engine openvino runs on the CPU; got device {device!r} (use cpu or auto)")
-        return EngineDetector(bundle_dir)
+        return EngineDetector(bundle_dir, _engine_precision(bundle_dir, precision))
     import torch
 
     from serverless.detector import Detector
@@ -278,6 +286,21 @@ def open_detector(
     if detector.device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     return detector
+
+
+def _engine_precision(bundle_dir: str | Path, precision: str) -> str:
+    """The OpenVINO precision for a serving precision mode: f32 unless bf16 is asked for, which the
+    engine's verification must have found to keep the detections (``package --engine-precision``)."""
+    if precision in ("auto", "off"):
+        return "f32"
+    if precision != "bf16":
+        raise UserError(f"precision {precision!r}: the OpenVINO engine computes in f32 (auto, off) or bf16")
+    if not load_engine_info(bundle_dir).verification.get("bf16", {}).get("same"):
+        raise BundleError(
+            f"{bundle_dir}: bf16 was not verified to keep this engine's detections; package it with "
+            "--cpu --engine-precision bf16, or serve it in f32"
+        )
+    return "bf16"
 
 
 # ---------------------------------------------------------------- masks, as torchvision pastes them

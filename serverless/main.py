@@ -16,7 +16,8 @@ Settings (environment, ``spec.env`` in function.yaml):
   export on the CPU, without importing torch (``package --cpu`` sets it; :mod:`serverless.engine`).
 - ``CVAT_DETECTOR_THREADS``: intra-op threads on the CPU (default: the container's CPU quota).
 - ``CVAT_DETECTOR_PRECISION``: ``auto`` (default: bf16 on GPUs of compute capability 8.0+, fp16 on
-  7.x, else fp32; :mod:`serverless.precision`), ``bf16``, ``fp16``, ``off`` (fp32).
+  7.x, else fp32; :mod:`serverless.precision`), ``bf16``, ``fp16``, ``off`` (fp32). The OpenVINO
+  engine computes in f32, or in bf16 where ``package --engine-precision bf16`` verified it.
 - ``CVAT_DETECTOR_GPU_JPEG``: ``auto`` (default: JPEG frames are decoded on the GPU where that gives
   the shared decoder's pixels; :mod:`serverless.gpu_jpeg`) or ``off``.
 - ``CVAT_DETECTOR_MAX_PIXELS``: largest frame accepted (default :data:`imageio.MAX_PIXELS`).
@@ -39,12 +40,11 @@ from typing import Any
 from serverless.cvat_shapes import to_cvat_shapes
 from serverless.engine import ENGINE_ENV, ENGINES, open_detector
 from serverless.imageio import ImageDecodeError, decode_image, frame_size, pixel_limit
-from serverless.precision import MODES
+from serverless.precision import MODES, PRECISION_ENV
 from serverless.score_attribute import ScoreAttribute
 
 BUNDLE_ENV = "CVAT_DETECTOR_BUNDLE"
 DEVICE_ENV = "CVAT_DETECTOR_DEVICE"
-PRECISION_ENV = "CVAT_DETECTOR_PRECISION"
 GPU_JPEG_ENV = "CVAT_DETECTOR_GPU_JPEG"
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 

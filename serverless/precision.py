@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 #: What a user may ask for: ``auto`` lets :func:`choose_precision` decide.
 MODES = ("auto", "bf16", "fp16", "off")
+#: Environment variable of the Nuclio function holding its mode (MODES; default auto).
+PRECISION_ENV = "CVAT_DETECTOR_PRECISION"
 #: First compute capability with native bf16 (Ampere).
 BF16_CAPABILITY = (8, 0)
 #: First compute capability with tensor cores (Volta): below it fp16 is not faster than fp32.

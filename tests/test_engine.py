@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from serverless.engine import (
     EngineDetector,
     EngineInfo,
     _cgroup_quota,
+    cpu_computes_bf16,
     cpu_threads,
+    open_detector,
     paste_mask,
     resized_size,
 )
@@ -34,11 +37,13 @@ from tests.conftest import module_dir
 from tests.factories import make_bundle
 from trainer.deploy import export
 from trainer.deploy.export import (
+    BF16,
     EngineUnfaithful,
     compare,
     export_engine,
     generated_frames,
     validation_frames,
+    verify_bf16,
 )
 
 pytest.importorskip("openvino")
@@ -253,3 +258,31 @@ def test_crop_with_the_engine_cuts_what_pytorch_cuts(exported, tmp_path):
     for got, want in zip(rows["openvino"], rows["pytorch"], strict=True):
         assert (got["source_image"], got["label"]) == (want["source_image"], want["label"])
         assert all(abs(int(got[k]) - int(want[k])) <= 1 for k in ("x1", "y1", "x2", "y2"))
+
+
+def test_bf16_tolerance_forgives_small_moves_but_not_a_detection_across_the_threshold():
+    floors = np.array([0.5])
+    ref = {"boxes": np.array([[10, 10, 50, 50], [60, 60, 90, 90]], np.float32),
+           "scores": np.array([0.9, 0.52], np.float32), "labels": np.array([1, 1])}  # fmt: skip
+    moved = {**ref, "boxes": ref["boxes"] + 2, "scores": np.array([0.86, 0.55], np.float32)}
+    assert not compare(ref, moved, floors).same  # f32: 2 px and 0.04 away is another detection
+    assert compare(ref, moved, floors, BF16).same
+    across = {**moved, "scores": np.array([0.86, 0.49], np.float32)}  # served at 0.5: one detection less
+    result = compare(ref, across, floors, BF16)
+    assert (result.missing, result.extra, result.same) == (1, 0, False)
+
+
+def test_bf16_is_served_only_where_its_verification_kept_the_detections(exported, tmp_path):
+    bundle = _copy(exported, tmp_path / "bundle")
+    assert open_detector(bundle, "cpu", "openvino", "auto").precision == "f32"
+    with pytest.raises(BundleError, match="--engine-precision bf16"):
+        open_detector(bundle, "cpu", "openvino", "bf16")
+    with pytest.raises(UserError, match=r"'fp16': the OpenVINO engine computes in f32 \(auto, off\) or bf16"):
+        open_detector(bundle, "cpu", "openvino", "fp16")
+    agreement = verify_bf16(bundle, FRAMES)  # measured on this CPU, in bf16 where it has AMX/AVX512-BF16
+    record = json.loads((bundle / ENGINE_JSON).read_text())["verification"]["bf16"]
+    assert record["agreement"] == asdict(agreement) and record["same"] == agreement.same
+    assert record["frames"] == [name for name, _ in FRAMES]
+    assert record["computes_in"] == ("bf16" if cpu_computes_bf16() else "f32")
+    if agreement.same:
+        assert open_detector(bundle, "cpu", "openvino", "bf16").precision == "bf16"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,8 +17,9 @@ import pytest
 import yaml
 
 from serverless.bundle import ENGINE_FILES, BundleInfo
-from serverless.engine import ENGINE_ENV
+from serverless.engine import ENGINE_ENV, load_engine_info
 from serverless.errors import UserError
+from serverless.precision import PRECISION_ENV
 from tests.conftest import module_dir
 from tests.factories import make_bundle
 from trainer.commands import main
@@ -179,6 +181,34 @@ def test_cpu_function_of_an_unfaithful_export_is_served_by_pytorch(run_dir, tmp_
     check_function_config(_load(tmp_path / "torch" / "function.yaml"), LABELS, "rectangle", gpu=False)
     with pytest.raises(UserError, match="--cpu"):
         package_function(run_dir, tmp_path / "gpu", engine="openvino")
+
+
+def test_a_bf16_cpu_function_computes_in_bf16_only_where_that_keeps_the_detections(cpu_run, tmp_path,
+                                                                                    monkeypatch):
+    from trainer.deploy import export
+
+    run = shutil.copytree(cpu_run, tmp_path / "run")
+    bf16_env = {"name": PRECISION_ENV, "value": "bf16"}
+    done = package_function(run, tmp_path / "measured", cpu=True, frames=FRAMES, engine_precision="bf16")
+    record = load_engine_info(run).verification["bf16"]  # measured on this CPU
+    assert record["frames"] == [name for name, _ in FRAMES]
+    assert done.engine_precision == ("bf16" if record["same"] else "f32")
+    assert (bf16_env in _load(done.out / "function.yaml")["spec"]["env"]) == record["same"]
+
+    monkeypatch.setattr(export, "verify", lambda *args: export.Agreement(frames=3, reference=5))
+    kept = package_function(run, tmp_path / "kept", cpu=True, frames=FRAMES, engine_precision="bf16")
+    assert kept.engine_precision == "bf16" and kept.note is None
+    config = _load(kept.out / "function.yaml")
+    check_function_config(config, LABELS, "rectangle", gpu=False, engine="openvino")
+    assert bf16_env in config["spec"]["env"]
+    assert len(_serve_captured_request(kept.out, block_torch=True)) > 0  # as Nuclio loads it, in bf16
+
+    monkeypatch.setattr(export, "verify", lambda *args: export.Agreement(frames=3, reference=5, extra=1))
+    changed = package_function(run, tmp_path / "changed", cpu=True, frames=FRAMES, engine_precision="bf16")
+    assert changed.engine_precision == "f32" and "0 missing, 1 extra" in changed.note
+    assert bf16_env not in _load(changed.out / "function.yaml")["spec"]["env"]
+    with pytest.raises(UserError, match="add --cpu"):
+        package_function(run, tmp_path / "gpu", engine_precision="bf16")
 
 
 def test_mask_bundles_declare_mask_labels():

@@ -57,6 +57,7 @@ from serverless.engine import (
     OUTPUTS,
     EngineInfo,
     OpenVinoNetwork,
+    cpu_computes_bf16,
     cpu_threads,
     load_engine_info,
     open_detector,
@@ -68,11 +69,26 @@ from serverless.errors import UserError
 from serverless.tiling import inclusive_box
 
 ONNX_OPSET = 17
-#: Same detections: boxes within this many pixels on every side, or overlapping at least BOX_MIN_IOU ...
-BOX_TOLERANCE_PX = 1.0
-BOX_MIN_IOU = 0.99
-#: ... scores within this, and masks (binarised) overlapping at least MASK_MIN_IOU.
-SCORE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When an engine's detection is PyTorch's: same label, boxes within ``box_px`` on every side or
+    overlapping at least ``min_iou``, scores within ``score``; detections within ``floor_margin`` below
+    their class's floor take part, so that a score just across it on one side is not a miss."""
+
+    box_px: float
+    min_iou: float
+    score: float
+    floor_margin: float
+
+
+#: f32: the same detections (float32 sums in another order move scores by about 1e-6).
+SAME = Tolerance(box_px=1.0, min_iou=0.99, score=1e-3, floor_margin=1e-3)
+#: bf16, an opt-in: the same detections at the thresholds, none across them, each near PyTorch's
+#: (bf16 keeps 8 bits of mantissa: scores move by up to about 0.05 and boxes by 1-2 px).
+BF16 = Tolerance(box_px=4.0, min_iou=0.9, score=0.1, floor_margin=0.0)
+#: Masks (binarised) overlapping at least this are the same.
 MASK_MIN_IOU = 0.95
 #: Verification compares every detection at or above the bundle's threshold of its class, capped here,
 #: so that a CVAT user lowering the threshold to a usual value still gets verified detections.
@@ -138,6 +154,29 @@ def ensure_engine(bundle_dir: str | Path, frames: Sequence[Frame] | None = None)
     if frames is None:
         frames = validation_frames(bundle_dir) or generated_frames()
     return export_engine(bundle_dir, frames)
+
+
+def verify_bf16(bundle_dir: str | Path, frames: Sequence[Frame] | None = None) -> Agreement:
+    """The bundle's verified engine computing in bf16 against PyTorch fp32, by :data:`BF16`, on
+    ``frames`` (None: as :func:`ensure_engine`), recorded in engine.json under ``verification.bf16``:
+    serving in bf16 needs it to say ``same``. On a CPU without AMX or AVX512-BF16, OpenVINO computes
+    in f32 whatever it is asked (``computes_in`` records which)."""
+    bundle_dir = Path(bundle_dir)
+    engine = ensure_engine(bundle_dir, frames)
+    if frames is None:
+        frames = validation_frames(bundle_dir) or generated_frames()
+    info, model = load_model(bundle_dir, "cpu")
+    network = OpenVinoNetwork(bundle_dir / ENGINE_XML, cpu_threads(), "bf16")
+    floors = np.minimum(info.score_floors(), VERIFY_THRESHOLD_CAP)
+    agreement = verify(model, network, engine, frames, floors, BF16)
+    engine.verification["bf16"] = {
+        "frames": [name for name, _ in frames],
+        "computes_in": "bf16" if cpu_computes_bf16() else "f32",
+        "agreement": asdict(agreement),
+        "same": agreement.same,
+    }
+    atomic_write(bundle_dir / ENGINE_JSON, lambda f: f.write(engine.to_json().encode()))
+    return agreement
 
 
 def detector_for(
@@ -207,7 +246,8 @@ def export_engine(bundle_dir: str | Path, frames: Sequence[Frame], threads: int 
 
 
 def verify(
-    model: Any, network: OpenVinoNetwork, engine: EngineInfo, frames: Sequence[Frame], floors: np.ndarray
+    model: Any, network: OpenVinoNetwork, engine: EngineInfo, frames: Sequence[Frame], floors: np.ndarray,
+    tolerance: Tolerance = SAME,
 ) -> Agreement:
     """PyTorch ``model`` and the engine ``network`` on each frame, compared by :func:`compare`."""
     total = Agreement()
@@ -216,26 +256,27 @@ def verify(
         with torch.inference_mode():
             ref = {k: v.numpy() for k, v in model([tensor])[0].items()}
         got = dict(zip(OUTPUTS, network(frame, resized_size(*frame.shape[:2], engine)), strict=False))
-        total.add(compare(ref, got, floors))
+        total.add(compare(ref, got, floors, tolerance))
     return total
 
 
-def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], floors: np.ndarray) -> Agreement:
+def compare(
+    ref: dict[str, np.ndarray], got: dict[str, np.ndarray], floors: np.ndarray, tolerance: Tolerance = SAME
+) -> Agreement:
     """Match one frame's detections (``boxes``, ``scores``, ``labels``, and for masks ``masks``: full
     frame probabilities in ``ref``, 28x28 in ``got``), PyTorch's ``ref`` against an engine's ``got``.
 
-    Detections within SCORE_TOLERANCE of the floor of their class take part, so that a score of
-    0.4996 against 0.5003 at a floor of 0.5 is a match, not a missing and an extra. A pair matches
-    when it has one label, scores within SCORE_TOLERANCE and boxes within BOX_TOLERANCE_PX or of IoU
-    >= BOX_MIN_IOU; greedy, PyTorch's highest score first, best IoU first."""
-    keep_ref, keep_got = (_near_floor(d, floors) for d in (ref, got))
+    With :data:`SAME`, detections within 1e-3 of the floor of their class take part, so that 0.4996
+    against 0.5003 at a floor of 0.5 is a match, not a missing and an extra. A pair matches when it
+    is one by ``tolerance``; greedy, PyTorch's highest score first, best IoU first."""
+    keep_ref, keep_got = (_near_floor(d, floors, tolerance.floor_margin) for d in (ref, got))
     rb, gb = ref["boxes"][keep_ref], got["boxes"][keep_got]
     rs, gs = ref["scores"][keep_ref], got["scores"][keep_got]
     rl, gl = ref["labels"][keep_ref], got["labels"][keep_got]
     iou = _iou(rb, gb)
-    close = np.abs(rb[:, None] - gb[None]).max(-1, initial=0) <= BOX_TOLERANCE_PX
-    same_score = np.abs(rs[:, None] - gs[None]) <= SCORE_TOLERANCE
-    ok = (rl[:, None] == gl[None]) & same_score & (close | (iou >= BOX_MIN_IOU))
+    close = np.abs(rb[:, None] - gb[None]).max(-1, initial=0) <= tolerance.box_px
+    same_score = np.abs(rs[:, None] - gs[None]) <= tolerance.score
+    ok = (rl[:, None] == gl[None]) & same_score & (close | (iou >= tolerance.min_iou))
     used = np.zeros(len(gb), dtype=bool)
     pairs = []
     for i in np.argsort(-rs, kind="stable"):
@@ -409,8 +450,8 @@ def _floor(labels: np.ndarray, floors: np.ndarray) -> np.ndarray:
     return np.where(known, floors[np.clip(labels - 1, 0, len(floors) - 1)], np.inf)
 
 
-def _near_floor(detections: dict[str, np.ndarray], floors: np.ndarray) -> np.ndarray:
-    return detections["scores"] >= _floor(detections["labels"], floors) - SCORE_TOLERANCE
+def _near_floor(detections: dict[str, np.ndarray], floors: np.ndarray, margin: float) -> np.ndarray:
+    return detections["scores"] >= _floor(detections["labels"], floors) - margin
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

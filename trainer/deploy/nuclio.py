@@ -41,7 +41,9 @@ from serverless.bundle import (
     load_model,
 )
 from serverless.engine import ENGINE_ENV, ENGINES
+from serverless.engine import PRECISIONS as ENGINE_PRECISIONS
 from serverless.errors import UserError
+from serverless.precision import PRECISION_ENV
 from serverless.score_attribute import DEFAULT_SCORE, ScoreAttribute
 
 if TYPE_CHECKING:
@@ -87,7 +89,8 @@ class Packaged:
     runtime_files: list[str]
     score: ScoreAttribute | None = None
     engine: str = "pytorch"  # what serves the bundle: "openvino" (CPU only) or "pytorch"
-    note: str | None = None  # why a CPU function is served by PyTorch after all
+    note: str | None = None  # why a CPU function is served by PyTorch, or in f32, after all
+    engine_precision: str = "f32"  # what the OpenVINO engine computes in: f32, or bf16 when verified
 
 
 def package_function(
@@ -100,19 +103,21 @@ def package_function(
     frames: Sequence[Frame] | None = None,
     overwrite: bool = False,
     score: ScoreAttribute | None = DEFAULT_SCORE,
+    engine_precision: str = "f32",
 ) -> Packaged:
     """Write the function directory ``out`` for the bundle in ``run``; refuses an existing ``out``
     unless ``overwrite``. ``score`` is the attribute each detection's score is returned as
     (None: no attribute). ``engine``: ``openvino`` (default with ``cpu``; verified on ``frames``,
-    generated ones when None) or ``pytorch``."""
+    generated ones when None) or ``pytorch``. ``engine_precision`` ``bf16`` has the OpenVINO engine
+    compute in bf16 when that keeps the detections on the same frames (:func:`_bf16_kept`)."""
     run, out = Path(run), Path(out)
     _check_target(run, out, overwrite)
     info = _load_checked(run)
     engine, note, openvino = _choose_engine(run, cpu, engine, frames)
+    engine_precision, bf16_note = _bf16_kept(run, cpu, engine, engine_precision, frames)
     display_name = name or run.resolve().name
-    config = function_config(
-        info, function_name(display_name), display_name, cpu=cpu, score=score, openvino=openvino
-    )
+    config = function_config(info, function_name(display_name), display_name, cpu=cpu, score=score,
+                             openvino=openvino, engine_precision=engine_precision)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -121,9 +126,8 @@ def package_function(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Packaged(
-        out, config["metadata"]["name"], display_name, info, cpu, runtime_files, score, engine, note
-    )
+    return Packaged(out, config["metadata"]["name"], display_name, info, cpu, runtime_files, score, engine,
+                    note or bf16_note, engine_precision)  # fmt: skip
 
 
 def _choose_engine(
@@ -146,6 +150,28 @@ def _choose_engine(
     return engine, None, exported.exported_with["openvino"]
 
 
+def _bf16_kept(
+    run: Path, cpu: bool, engine: str, precision: str, frames: Sequence[Frame] | None
+) -> tuple[str, str | None]:
+    """(what the engine computes in, why not bf16 when it was asked for): bf16 only for the OpenVINO
+    engine, and only when it finds PyTorch's detections at the thresholds (export.verify_bf16)."""
+    if precision not in ENGINE_PRECISIONS:
+        raise UserError(f"--engine-precision {precision}: expected one of {', '.join(ENGINE_PRECISIONS)}")
+    if precision == "f32":
+        return precision, None
+    if not cpu:
+        raise UserError("--engine-precision bf16 is for the OpenVINO CPU function; add --cpu")
+    if engine != "openvino":
+        return "f32", None  # PyTorch serves it (the note says why)
+    from trainer.deploy.export import verify_bf16
+
+    agreement = verify_bf16(run, frames)
+    if agreement.same:
+        return "bf16", None
+    return "f32", (f"in bf16 the engine's detections differ from PyTorch's ({agreement.summary()}); "
+                   "it computes in f32")
+
+
 def function_name(text: str) -> str:
     """A Nuclio/Kubernetes function name from free text: lowercase letters, digits and '-',
     starting with a letter, at most :data:`MAX_NAME` characters."""
@@ -163,7 +189,7 @@ def function_name(text: str) -> str:
 
 def function_config(
     info: BundleInfo, name: str, display_name: str, *, cpu: bool = False,
-    score: ScoreAttribute | None = None, openvino: str | None = None,
+    score: ScoreAttribute | None = None, openvino: str | None = None, engine_precision: str = "f32",
 ) -> dict[str, Any]:
     """The template's configuration filled in for one bundle (see serverless/function.yaml); with
     ``score``, every label declares the score attribute and the function is told to return it;
@@ -185,6 +211,8 @@ def function_config(
         build["directives"]["preCopy"].insert(0, {"kind": "RUN", "value": runtime})
         if openvino:
             spec["env"].append({"name": ENGINE_ENV, "value": "openvino"})
+            if engine_precision == "bf16":
+                spec["env"].append({"name": PRECISION_ENV, "value": "bf16"})
         spec["eventTimeout"] = CPU_EVENT_TIMEOUT
         limits = spec["resources"]["limits"]
         del limits["nvidia.com/gpu"]
