@@ -209,6 +209,9 @@ def test_a_bf16_cpu_function_computes_in_bf16_only_where_that_keeps_the_detectio
     assert bf16_env not in _load(changed.out / "function.yaml")["spec"]["env"]
     with pytest.raises(UserError, match="add --cpu"):
         package_function(run, tmp_path / "gpu", engine_precision="bf16")
+    torch_served = package_function(run, tmp_path / "torch", cpu=True, engine="pytorch",
+                                    engine_precision="bf16")
+    assert torch_served.engine_precision == "f32" and "PyTorch serves this one in fp32" in torch_served.note
 
 
 def test_mask_bundles_declare_mask_labels():

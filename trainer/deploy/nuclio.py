@@ -162,7 +162,7 @@ def _bf16_kept(
     if not cpu:
         raise UserError("--engine-precision bf16 is for the OpenVINO CPU function; add --cpu")
     if engine != "openvino":
-        return "f32", None  # PyTorch serves it (the note says why)
+        return "f32", "--engine-precision bf16 is for the OpenVINO engine; PyTorch serves this one in fp32"
     from trainer.deploy.export import verify_bf16
 
     agreement = verify_bf16(run, frames)
