@@ -211,6 +211,21 @@ def _number(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def non_negative(kind: type, what: str) -> Callable[[str], Any]:
+    """An argparse type: an int or float (``kind``) >= 0, else "expected WHAT >= 0, got 'TEXT'"."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if not value >= 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"expected {what} >= 0, got {text!r}")
+        return value
+
+    return parse
+
+
 def _as_argparse_type(text: str, parse: Callable[[str], Any]) -> Any:
     try:
         return parse(text)

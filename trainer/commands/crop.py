@@ -20,6 +20,8 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from trainer.commands import non_negative
+
 if TYPE_CHECKING:
     from serverless.detector import Detector
     from trainer.crop.exporter import CropSummary
@@ -29,14 +31,7 @@ if TYPE_CHECKING:
 HELP = "export every object as an image file plus metadata.csv (for classifier training)"
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+_non_negative = non_negative(float, "a number")
 
 
 def _colour(text: str) -> tuple[int, int, int]:

@@ -23,22 +23,13 @@ examples:
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-from trainer.commands import add_model_options
-from trainer.data.options import UNVALIDATED_SUFFIX
+from trainer.commands import _as_argparse_type, add_model_options
+from trainer.data.options import UNVALIDATED_SUFFIX, parse_ids
 
 HELP = "detect objects in a folder of images, or pre-annotate CVAT tasks"
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        ids = []
-    if not ids or min(ids) < 1:
-        raise argparse.ArgumentTypeError(f"expected task ids such as 15,16,18, got {text!r}")
-    return ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     server = parser.add_argument_group("server (--server)")
     which = server.add_mutually_exclusive_group()
-    which.add_argument("--tasks", type=_ids, metavar="IDS", help="comma-separated task ids")
+    ids = partial(_as_argparse_type, parse=parse_ids)
+    which.add_argument("--tasks", type=ids, metavar="IDS", help="comma-separated task ids")
     which.add_argument("--project", type=int, metavar="ID", help="every task of this project")
     server.add_argument(
         "--label-suffix", default="", metavar="SUFFIX", help='e.g. "_NV": write RBC as RBC_NV'

@@ -25,29 +25,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from trainer.commands import add_model_options
+from trainer.commands import add_model_options, non_negative
 
 HELP = "rank unannotated frames by what a label on them would teach the model (active learning)"
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of frames >= 0, got {text!r}")
-    return value
-
-
-def _weight(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a weight >= 0, got {text!r}")
-    return value
+_count = non_negative(int, "a number of frames")
+_weight = non_negative(float, "a weight")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

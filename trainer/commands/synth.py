@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from trainer.commands import non_negative
+
 KINDS = ("circle", "square", "triangle")  # the generator's labels, kept here so --help stays light
 
 HELP = "write a synthetic CVAT export (for demos and tests)"
@@ -29,11 +31,7 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text!r}")
-    return value
+_count = non_negative(int, "a count")
 
 
 def _label_range(text: str) -> tuple[str, tuple[float, float]]:
