@@ -162,9 +162,9 @@ def verify_bf16(bundle_dir: str | Path, frames: Sequence[Frame] | None = None) -
     serving in bf16 needs it to say ``same``. On a CPU without AMX or AVX512-BF16, OpenVINO computes
     in f32 whatever it is asked (``computes_in`` records which)."""
     bundle_dir = Path(bundle_dir)
-    engine = ensure_engine(bundle_dir, frames)
     if frames is None:
         frames = validation_frames(bundle_dir) or generated_frames()
+    engine = ensure_engine(bundle_dir, frames)
     info, model = load_model(bundle_dir, "cpu")
     network = OpenVinoNetwork(bundle_dir / ENGINE_XML, cpu_threads(), "bf16")
     floors = np.minimum(info.score_floors(), VERIFY_THRESHOLD_CAP)
