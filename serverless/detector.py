@@ -162,7 +162,7 @@ class Detector(ServedBundle):
         the copy, before the next frame is staged."""
         if isinstance(image, torch.Tensor):
             return image.to(device)
-        array = torch.from_numpy(np.ascontiguousarray(image))
+        array = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # read-only arrays are copied
         if device.type == "cuda" and array.numel() <= STAGING_BYTES:
             if self._staging is None:
                 self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)

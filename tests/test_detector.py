@@ -100,6 +100,21 @@ def test_a_decoded_tensor_frame_gives_what_its_array_gives(bundle):
     np.testing.assert_array_equal(from_tensor.boxes, from_array.boxes)
 
 
+def test_a_read_only_frame_is_detected_like_its_writable_copy(bundle, monkeypatch):
+    """``np.asarray(PIL image)`` is read-only: torch must never be handed it (it warns, and may
+    write), so it gets a copy."""
+    detector = Detector(bundle, device="cpu")
+    image = np.random.default_rng(4).integers(0, 255, (70, 110, 3), dtype=np.uint8)
+    read_only = image.copy()
+    read_only.flags.writeable = False
+    handed = []
+    from_numpy = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: handed.append(a.flags.writeable) or from_numpy(a))
+    got, expected = detector.detect(read_only, threshold=0.0), detector.detect(image, threshold=0.0)
+    assert handed == [True, True] and len(expected) > 0 and got.labels == expected.labels
+    np.testing.assert_array_equal(got.boxes, expected.boxes)
+
+
 @pytest.mark.parametrize("tile, overlap", [(128, 48), (64, 0), (100, 99), (512, 128)])
 def test_tile_windows_cover_the_frame_with_the_promised_overlap(tile, overlap):
     for width, height in [(300, 200), (64, 64), (1000, 37), (513, 1024)]:
