@@ -98,14 +98,13 @@ class EcoTaxaTable:
 def _row(job: CropJob, obj: CropObject, options: EcoTaxaOptions) -> list[str]:
     label = obj.shape.label
     category, validated = split_unvalidated(label)
-    not_validated = not validated
     x1, y1, x2, y2 = obj.box
     width, height = x2 - x1, y2 - y1
     size = options.pixel_size
     sample = f"task_{job.task_id}" if job.task_id is not None else job.subset
     row: list[Any] = [
         obj.crop_path, 0, f"{job.subset}/{PurePosixPath(obj.crop_path).stem}",
-        category, "predicted" if not_validated or obj.score is not None else "validated", label,
+        category, "predicted" if not validated or obj.score is not None else "validated", label,
         "" if obj.score is None else f"{obj.score:.4f}",
         job.source_image, _blank(job.task_id), _blank(job.frame),
         *(_num(v) for v in (x1, y1, x2, y2)), _num(obj.region.rotation), _num(width), _num(height),

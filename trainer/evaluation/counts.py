@@ -29,7 +29,6 @@ import numpy as np
 
 from trainer.data.options import split_unvalidated
 
-#: Suffix of not-validated labels (``predict --nv``).
 #: Monte Carlo draws of the interval; fixed seed so a table is reproducible.
 DRAWS = 4000
 SEED = 0
