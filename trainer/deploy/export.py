@@ -49,6 +49,7 @@ from serverless.bundle import (
     ENGINE_XML,
     WEIGHTS,
     BundleError,
+    BundleInfo,
     atomic_write,
     load_model,
 )
@@ -167,7 +168,7 @@ def verify_bf16(bundle_dir: str | Path, frames: Sequence[Frame] | None = None) -
     engine = ensure_engine(bundle_dir, frames)
     info, model = load_model(bundle_dir, "cpu")
     network = OpenVinoNetwork(bundle_dir / ENGINE_XML, cpu_threads(), "bf16")
-    floors = np.minimum(info.score_floors(), VERIFY_THRESHOLD_CAP)
+    floors = _verified_floors(info)
     agreement = verify(model, network, engine, frames, floors, BF16)
     engine.verification["bf16"] = {
         "frames": [name for name, _ in frames],
@@ -216,7 +217,7 @@ def export_engine(bundle_dir: str | Path, frames: Sequence[Frame], threads: int 
     )  # fmt: skip
     if engine.fixed_size:
         engine.min_size = engine.max_size = int(resize.fixed_size[0])
-    floors = np.minimum(info.score_floors(), VERIFY_THRESHOLD_CAP)
+    floors = _verified_floors(info)
     with tempfile.TemporaryDirectory(prefix=".engine.", dir=bundle_dir) as tmp:
         xml = Path(tmp) / ENGINE_XML
         try:
@@ -243,6 +244,12 @@ def export_engine(bundle_dir: str | Path, frames: Sequence[Frame], threads: int 
             )
         _install(Path(tmp), bundle_dir, engine)
     return engine
+
+
+def _verified_floors(info: BundleInfo) -> np.ndarray:
+    """The per-class scores down to which verification compares detections: the bundle's
+    thresholds, capped at :data:`VERIFY_THRESHOLD_CAP`."""
+    return np.minimum(info.score_floors(), VERIFY_THRESHOLD_CAP)
 
 
 def verify(
