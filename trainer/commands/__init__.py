@@ -85,6 +85,16 @@ def add_model_options(group: Any, *, threshold: bool = True, engine: bool = True
                            help="score threshold for every label (default: the model's calibrated ones)")
 
 
+def add_task_options(group: Any) -> None:
+    """--tasks IDS or --project ID: the CVAT tasks a --server command reads (predict, suggest)."""
+    from trainer.data.options import parse_ids
+
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--tasks", type=partial(_as_argparse_type, parse=parse_ids), metavar="IDS",
+                       help="comma-separated task ids")
+    which.add_argument("--project", type=int, metavar="ID", help="every task of this project")
+
+
 def parse_threshold(text: str) -> float:
     try:
         value = float(text)

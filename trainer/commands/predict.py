@@ -23,11 +23,10 @@ examples:
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 
-from trainer.commands import _as_argparse_type, add_model_options
-from trainer.data.options import UNVALIDATED_SUFFIX, parse_ids
+from trainer.commands import add_model_options, add_task_options
+from trainer.data.options import UNVALIDATED_SUFFIX
 
 HELP = "detect objects in a folder of images, or pre-annotate CVAT tasks"
 
@@ -47,10 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     folder.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     server = parser.add_argument_group("server (--server)")
-    which = server.add_mutually_exclusive_group()
-    ids = partial(_as_argparse_type, parse=parse_ids)
-    which.add_argument("--tasks", type=ids, metavar="IDS", help="comma-separated task ids")
-    which.add_argument("--project", type=int, metavar="ID", help="every task of this project")
+    add_task_options(server)
     server.add_argument(
         "--label-suffix", default="", metavar="SUFFIX", help='e.g. "_NV": write RBC as RBC_NV'
     )

@@ -21,11 +21,10 @@ examples:
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from trainer.commands import add_model_options, non_negative
+from trainer.commands import add_model_options, add_task_options, non_negative
 
 HELP = "rank unannotated frames by what a label on them would teach the model (active learning)"
 
@@ -35,17 +34,11 @@ _weight = non_negative(float, "a weight")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.commands import _as_argparse_type
-    from trainer.data.options import parse_ids
-
     parser.add_argument("run", metavar="RUN", help="trained run (bundle) directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", type=Path, help="folder of images (recursive)")
     source.add_argument("--server", metavar="URL", help="CVAT server whose tasks to rank")
-    which = parser.add_mutually_exclusive_group()
-    ids = partial(_as_argparse_type, parse=parse_ids)
-    which.add_argument("--tasks", type=ids, metavar="IDS", help="comma-separated task ids")
-    which.add_argument("--project", type=int, metavar="ID", help="every task of this project")
+    add_task_options(parser)
     add_model_options(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("suggestions.csv"), help="ranked CSV (%(default)s)")
