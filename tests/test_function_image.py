@@ -108,10 +108,10 @@ def _imports(path: Path) -> set[str]:
     return names - {"__future__"}
 
 
-#: Imports the GPU function's files hold for the other engine: serverless/engine.py imports OpenVINO
-#: only when CVAT_DETECTOR_ENGINE=openvino, which only ``package --cpu`` sets, in an image that
-#: installs it (tests/test_package.py).
-OTHER_ENGINE = {"serverless/engine.py": {"openvino"}}
+#: Imports the GPU function's files hold for the other engine: serverless/engine.py (and the
+#: bf16x3.py it alone imports) import OpenVINO only when CVAT_DETECTOR_ENGINE=openvino, which only
+#: ``package --cpu`` sets, in an image that installs it (tests/test_package.py).
+OTHER_ENGINE = {"serverless/engine.py": {"openvino"}, "serverless/bf16x3.py": {"openvino"}}
 
 
 def test_every_import_of_the_function_names_a_module_of_its_image(shared_bundle, tmp_path):
