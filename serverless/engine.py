@@ -19,6 +19,8 @@ Threads: one Nuclio worker uses every core the container may use (:func:`cpu_thr
 compiled model per frame size (static shapes; CVAT tasks have one size), :data:`SHAPE_CACHE` sizes
 kept, each with its reused infer request and input buffer. Precision is f32, set explicitly:
 OpenVINO's default on CPUs with AMX or AVX512-BF16 is bf16, which moves scores by a few hundredths.
+On AMX CPUs an engine whose packaging check chose it computes in bf16x3 instead
+(:mod:`serverless.bf16x3`): f32-grade results, faster.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ ENGINE_FORMAT = "cvat-detector-engine"
 ENGINE_FORMAT_VERSION = 1
 #: What serves a bundle: its PyTorch weights, or the verified OpenVINO export of them.
 ENGINES = ("pytorch", "openvino")
-#: OpenVINO inference precisions: f32 reproduces PyTorch; bf16 is an opt-in whose agreement is measured.
-PRECISIONS = ("f32", "bf16")
+#: OpenVINO arithmetic: f32 reproduces PyTorch; bf16x3 (:mod:`serverless.bf16x3`) too, faster on AMX
+#: CPUs, where its packaging check chose it; bf16 is an opt-in whose agreement is measured.
+PRECISIONS = ("f32", "bf16x3", "bf16")
 #: Compiled models kept, one per frame (window) size.
 SHAPE_CACHE = 4
 #: Input names of the exported graph, and its outputs in order (masks: mask models only).
@@ -177,13 +180,18 @@ class OpenVinoNetwork:
             raise UserError(f"engine precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.threads, self.precision = threads, precision
         self._core = ov.Core()
+        self._xml = xml
         self._model = self._core.read_model(xml)
+        if precision == "bf16x3":
+            from serverless.bf16x3 import bf16x3_model
+
+            self._model = bf16x3_model(self._core, self._model)
         self._outputs = len(self._model.outputs)
         self._config = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": threads,
-            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_PRECISION_HINT": "f32" if precision == "f32" else "bf16",
         }
         self._requests: OrderedDict[tuple[int, int], Any] = OrderedDict()
 
@@ -204,11 +212,27 @@ class OpenVinoNetwork:
             return request
         model = self._model.clone()
         model.reshape({INPUTS[0]: [*hw, 3], INPUTS[1]: [2]})
-        request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        compiled = self._core.compile_model(model, "CPU", self._config)
+        if self.precision == "bf16x3" and self._leaks_bf16(compiled):
+            return self._request(hw)
+        request = compiled.create_infer_request()
         self._requests[hw] = request
         if len(self._requests) > SHAPE_CACHE:
             self._requests.popitem(last=False)
         return request
+
+    def _leaks_bf16(self, compiled: Any) -> bool:
+        """Whether bf16x3 compiled to something other than f32 with bf16 convolutions
+        (:func:`serverless.bf16x3.bf16_leaks`); then this network computes in f32 from now on."""
+        from serverless.bf16x3 import bf16_leaks
+
+        leaks = bf16_leaks(compiled)
+        if leaks:
+            log.warning("bf16x3 would compute %d layers in bf16 (%s); computing in f32", len(leaks), leaks[0])
+            self.precision, self._model = "f32", self._core.read_model(self._xml)
+            self._config["INFERENCE_PRECISION_HINT"] = "f32"
+            self._requests.clear()
+        return bool(leaks)
 
 
 class EngineDetector(ServedBundle):
@@ -223,7 +247,11 @@ class EngineDetector(ServedBundle):
         self.info.check_tiles(str(self.bundle_dir / "model.json"))
         self.engine = load_engine_info(bundle_dir)
         self.network = OpenVinoNetwork(self.bundle_dir / ENGINE_XML, threads or cpu_threads(), precision)
-        self.precision = precision
+
+    @property
+    def precision(self) -> str:
+        """What the engine computes in (bf16x3 falls back to f32 where it would not be faithful)."""
+        return self.network.precision
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> Detections:
         """Detect objects in an HxWx3 uint8 RGB image."""
@@ -289,13 +317,21 @@ def open_detector(
 
 
 def _engine_precision(bundle_dir: str | Path, precision: str) -> str:
-    """The OpenVINO precision for a serving precision mode: f32 unless bf16 is asked for, which the
-    engine's verification must have found to keep the detections (``package --engine-precision``)."""
+    """The OpenVINO arithmetic for a serving precision mode. ``auto``: bf16x3 where the engine's
+    packaging check chose it and this CPU has AMX, else f32; ``off``: f32; ``bf16``: bf16, which the
+    check must have found to keep the detections (``package --engine-precision bf16``)."""
+    if precision not in ("auto", "off", "bf16"):
+        raise UserError(f"precision {precision!r}: the OpenVINO engine computes in f32 (auto, off) or bf16")
+    verification = load_engine_info(bundle_dir).verification
+    if precision == "auto" and verification.get("bf16x3", {}).get("chosen"):
+        from serverless.bf16x3 import cpu_has_amx
+
+        if cpu_has_amx():
+            return "bf16x3"
+        log.info("bf16x3 was chosen at packaging, but this CPU has no AMX: computing in f32")
     if precision in ("auto", "off"):
         return "f32"
-    if precision != "bf16":
-        raise UserError(f"precision {precision!r}: the OpenVINO engine computes in f32 (auto, off) or bf16")
-    if not load_engine_info(bundle_dir).verification.get("bf16", {}).get("same"):
+    if not verification.get("bf16", {}).get("same"):
         raise BundleError(
             f"{bundle_dir}: bf16 was not verified to keep this engine's detections; package it with "
             "--cpu --engine-precision bf16, or serve it in f32"

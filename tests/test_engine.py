@@ -17,7 +17,9 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from serverless.bf16x3 import bf16_leaks, cpu_has_amx
 from serverless.bundle import ENGINE_BIN, ENGINE_JSON, ENGINE_XML, WEIGHTS, BundleError
+from serverless.detections import Detections
 from serverless.detector import Detector
 from serverless.engine import (
     ENGINE_FORMAT_VERSION,
@@ -286,3 +288,51 @@ def test_bf16_is_served_only_where_its_verification_kept_the_detections(exported
     assert record["computes_in"] == ("bf16" if cpu_computes_bf16() else "f32")
     if agreement.same:
         assert open_detector(bundle, "cpu", "openvino", "bf16").precision == "bf16"
+
+
+def test_bf16x3_finds_what_f32_finds_with_no_other_layer_in_bf16(exported):
+    f32, x3 = EngineDetector(exported, "f32", 2), EngineDetector(exported, "bf16x3", 2)
+    for _, frame in generated_frames(((200, 150), (97, 203)), seed=7):
+        got, expected = (_outputs(d.detect(frame, 0.05), d.labels) for d in (x3, f32))
+        result = compare(expected, got, np.array([0.05, 0.05], np.float32))
+        assert result.reference > 0 and result.same, result.summary()
+        assert result.worst_box_px < 0.05 and result.worst_score < 1e-4, result.summary()  # f32 grade
+    assert x3.precision == "bf16x3"  # the compiled graph kept every other layer f32: no fallback
+    compiled = next(iter(x3.network._requests.values())).get_compiled_model()
+    assert bf16_leaks(compiled) == []
+    if cpu_has_amx():  # elsewhere OpenVINO computes all of it in f32
+        runtime = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+        assert any(i["runtimePrecision"].astype(str) == "bf16" for i in runtime)
+
+
+def _outputs(found: Detections, labels: list[str]) -> dict[str, np.ndarray]:
+    """Detections as :func:`compare` reads model outputs."""
+    classes = np.array([labels.index(name) + 1 for name in found.labels], np.int64)
+    return {"boxes": found.boxes, "scores": found.scores, "labels": classes}
+
+
+def test_bf16x3_that_would_leak_bf16_computes_in_f32(exported, monkeypatch, caplog):
+    monkeypatch.setattr("serverless.bf16x3.bf16_leaks", lambda compiled: ["Transpose Transpose_5"])
+    x3, f32 = EngineDetector(exported, "bf16x3", 2), EngineDetector(exported, "f32", 2)
+    _, frame = FRAMES[0]
+    got = x3.detect(frame, 0.05)
+    assert x3.precision == "f32" and "computing in f32" in caplog.text and "Transpose_5" in caplog.text
+    expected = f32.detect(frame, 0.05)
+    np.testing.assert_array_equal(got.boxes, expected.boxes)
+    np.testing.assert_array_equal(got.scores, expected.scores)
+
+
+def test_auto_serves_bf16x3_only_where_packaging_chose_it_and_the_cpu_has_amx(exported, tmp_path,
+                                                                              monkeypatch):
+    bundle = _copy(exported, tmp_path / "bundle")
+    meta = json.loads((bundle / ENGINE_JSON).read_text())
+    amx = {"value": True}
+    monkeypatch.setattr("serverless.bf16x3.cpu_has_amx", lambda: amx["value"])
+    assert open_detector(bundle, "cpu", "openvino", "auto").precision == "f32"  # never checked
+    for chosen in (False, True):
+        meta["verification"]["bf16x3"] = {"chosen": chosen}
+        (bundle / ENGINE_JSON).write_text(json.dumps(meta))
+        assert open_detector(bundle, "cpu", "openvino", "auto").precision == ("bf16x3" if chosen else "f32")
+    assert open_detector(bundle, "cpu", "openvino", "off").precision == "f32"
+    amx["value"] = False  # three bf16 products are slower than one f32 one without AMX
+    assert open_detector(bundle, "cpu", "openvino", "auto").precision == "f32"

@@ -214,6 +214,41 @@ def test_a_bf16_cpu_function_computes_in_bf16_only_where_that_keeps_the_detectio
     assert torch_served.engine_precision == "f32" and "PyTorch serves this one in fp32" in torch_served.note
 
 
+def test_a_cpu_function_computes_in_bf16x3_only_where_its_check_found_it_faithful_and_faster(
+    cpu_run, tmp_path, monkeypatch
+):
+    from serverless import bf16x3
+    from trainer.deploy import export
+
+    run = shutil.copytree(cpu_run, tmp_path / "run")
+    off = {"name": PRECISION_ENV, "value": "off"}
+    done = package_function(run, tmp_path / "measured", cpu=True, frames=FRAMES)  # --engine-precision auto
+    record = load_engine_info(run).verification.get("bf16x3")  # measured where this CPU has AMX
+    if bf16x3.cpu_has_amx():
+        assert record["frames"] == [name for name, _ in FRAMES] and record["agreement"]["missing"] == 0
+        assert record["chosen"] == (record["same"] and record["ms"]["bf16x3"] < record["ms"]["f32"])
+    assert done.engine_precision == ("bf16x3" if record and record["chosen"] else "f32")
+    assert (off in _load(done.out / "function.yaml")["spec"]["env"]) == (done.engine_precision == "f32")
+
+    monkeypatch.setattr(bf16x3, "cpu_has_amx", lambda: True)
+    timed = {"bf16x3": 50.0, "f32": 90.0}  # ms a frame
+    monkeypatch.setattr(export, "_best_ms", lambda network, *args: timed[network.precision])
+    faster = package_function(run, tmp_path / "faster", cpu=True, frames=FRAMES)
+    assert faster.engine_precision == "bf16x3" and faster.note is None
+    record = load_engine_info(faster.out / "bundle").verification["bf16x3"]
+    assert record["same"] and record["chosen"] and record["ms"] == {"f32": 90.0, "bf16x3": 50.0}
+    config = _load(faster.out / "function.yaml")
+    check_function_config(config, LABELS, "rectangle", gpu=False, engine="openvino")
+    assert not any(item["name"] == PRECISION_ENV for item in config["spec"]["env"])  # auto: bf16x3 with AMX
+    assert len(_serve_captured_request(faster.out, block_torch=True)) > 0
+
+    monkeypatch.setattr(export, "verify", lambda *args: export.Agreement(frames=3, reference=5, extra=1))
+    changed = package_function(run, tmp_path / "changed", cpu=True, frames=FRAMES)
+    assert changed.engine_precision == "f32" and off in _load(changed.out / "function.yaml")["spec"]["env"]
+    pinned = package_function(run, tmp_path / "pinned", cpu=True, frames=FRAMES, engine_precision="f32")
+    assert pinned.engine_precision == "f32" and off in _load(pinned.out / "function.yaml")["spec"]["env"]
+
+
 def test_mask_bundles_declare_mask_labels():
     info = BundleInfo(
         architecture="maskrcnn_resnet50_fpn_v2", labels=["cell", "nucleus"], shape_type="mask"

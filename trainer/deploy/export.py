@@ -30,6 +30,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -94,6 +95,9 @@ MASK_MIN_IOU = 0.95
 #: Verification compares every detection at or above the bundle's threshold of its class, capped here,
 #: so that a CVAT user lowering the threshold to a usual value still gets verified detections.
 VERIFY_THRESHOLD_CAP = 0.5
+#: How many times faster than f32 bf16x3 must run at packaging to be chosen: a tie is not a gain, and
+#: timing noise must not pick the arithmetic that depends on more of the CPU plugin.
+BF16X3_GAIN = 1.1
 #: Generated verification frames (width, height) when no frames are given: 4:3, wide, portrait, and a
 #: size at which float32 resize arithmetic is a pixel off.
 GENERATED_SIZES = ((640, 480), (1280, 720), (600, 1000), (1001, 333))
@@ -162,22 +166,56 @@ def verify_bf16(bundle_dir: str | Path, frames: Sequence[Frame] | None = None) -
     ``frames`` (None: as :func:`ensure_engine`), recorded in engine.json under ``verification.bf16``:
     serving in bf16 needs it to say ``same``. On a CPU without AMX or AVX512-BF16, OpenVINO computes
     in f32 whatever it is asked (``computes_in`` records which)."""
+    computes_in = {"computes_in": "bf16" if cpu_computes_bf16() else "f32"}
+    return Agreement(**_check_precision(bundle_dir, "bf16", BF16, frames, extra=computes_in)["agreement"])
+
+
+def verify_bf16x3(bundle_dir: str | Path, frames: Sequence[Frame] | None = None) -> dict[str, Any]:
+    """The bundle's verified engine computing its large convolutions in bf16x3
+    (:mod:`serverless.bf16x3`) against PyTorch fp32, by :data:`SAME`, and timed against the f32
+    engine on the first frame; recorded in engine.json under ``verification.bf16x3``. ``chosen``:
+    the same detections, no layer leaked to bf16, and :data:`BF16X3_GAIN` times faster, so that an
+    ``auto`` function computes in it on CPUs with AMX."""
+    return _check_precision(bundle_dir, "bf16x3", SAME, frames, timed=True)
+
+
+def _check_precision(
+    bundle_dir: str | Path, precision: str, tolerance: Tolerance, frames: Sequence[Frame] | None,
+    timed: bool = False, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the engine in ``precision`` against PyTorch on ``frames`` and record it in engine.json
+    (with ``extra``; ``timed``: its speed against f32, and whether it is ``chosen``)."""
     bundle_dir = Path(bundle_dir)
     if frames is None:
         frames = validation_frames(bundle_dir) or generated_frames()
     engine = ensure_engine(bundle_dir, frames)
     info, model = load_model(bundle_dir, "cpu")
-    network = OpenVinoNetwork(bundle_dir / ENGINE_XML, cpu_threads(), "bf16")
+    network = OpenVinoNetwork(bundle_dir / ENGINE_XML, cpu_threads(), precision)
     floors = _verified_floors(info)
-    agreement = verify(model, network, engine, frames, floors, BF16)
-    engine.verification["bf16"] = {
-        "frames": [name for name, _ in frames],
-        "computes_in": "bf16" if cpu_computes_bf16() else "f32",
-        "agreement": asdict(agreement),
-        "same": agreement.same,
-    }
+    agreement = verify(model, network, engine, frames, floors, tolerance)
+    record: dict[str, Any] = {"frames": [name for name, _ in frames], **(extra or {}),
+                              "agreement": asdict(agreement), "same": agreement.same}  # fmt: skip
+    if timed:
+        frame = frames[0][1]
+        size = resized_size(*frame.shape[:2], engine)
+        f32 = OpenVinoNetwork(bundle_dir / ENGINE_XML, network.threads)
+        record["ms"] = {"f32": _best_ms(f32, frame, size), precision: _best_ms(network, frame, size)}
+        faithful = agreement.same and network.precision == precision  # not fallen back to f32
+        record["chosen"] = faithful and record["ms"]["f32"] >= BF16X3_GAIN * record["ms"][precision]
+    engine.verification[precision] = record
     atomic_write(bundle_dir / ENGINE_JSON, lambda f: f.write(engine.to_json().encode()))
-    return agreement
+    return record
+
+
+def _best_ms(network: OpenVinoNetwork, frame: np.ndarray, size: tuple[int, int], runs: int = 3) -> float:
+    """The faster of ``runs`` warm inferences of one frame, in ms."""
+    network(frame, size)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        network(frame, size)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(min(times), 1)
 
 
 def detector_for(

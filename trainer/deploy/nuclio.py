@@ -41,7 +41,6 @@ from serverless.bundle import (
     load_model,
 )
 from serverless.engine import ENGINE_ENV, ENGINES
-from serverless.engine import PRECISIONS as ENGINE_PRECISIONS
 from serverless.errors import UserError
 from serverless.precision import PRECISION_ENV
 from serverless.score_attribute import DEFAULT_SCORE, ScoreAttribute
@@ -77,6 +76,10 @@ __all__ = ["handler", "init_context"]
 '''
 
 
+#: What ``package --engine-precision`` may ask the OpenVINO engine to compute in.
+ENGINE_PRECISIONS = ("auto", "f32", "bf16")
+
+
 @dataclass
 class Packaged:
     """What :func:`package_function` wrote."""
@@ -90,7 +93,7 @@ class Packaged:
     score: ScoreAttribute | None = None
     engine: str = "pytorch"  # what serves the bundle: "openvino" (CPU only) or "pytorch"
     note: str | None = None  # why a CPU function is served by PyTorch, or in f32, after all
-    engine_precision: str = "f32"  # what the OpenVINO engine computes in: f32, or bf16 when verified
+    engine_precision: str = "f32"  # what the OpenVINO engine computes in: f32, bf16x3 or bf16 when verified
 
 
 def package_function(
@@ -103,18 +106,18 @@ def package_function(
     frames: Sequence[Frame] | None = None,
     overwrite: bool = False,
     score: ScoreAttribute | None = DEFAULT_SCORE,
-    engine_precision: str = "f32",
+    engine_precision: str = "auto",
 ) -> Packaged:
     """Write the function directory ``out`` for the bundle in ``run``; refuses an existing ``out``
     unless ``overwrite``. ``score`` is the attribute each detection's score is returned as
     (None: no attribute). ``engine``: ``openvino`` (default with ``cpu``; verified on ``frames``,
-    generated ones when None) or ``pytorch``. ``engine_precision`` ``bf16`` has the OpenVINO engine
-    compute in bf16 when that keeps the detections on the same frames (:func:`_bf16_kept`)."""
+    generated ones when None) or ``pytorch``. ``engine_precision`` (:data:`ENGINE_PRECISIONS`): what
+    the OpenVINO engine computes in (:func:`_engine_arithmetic`)."""
     run, out = Path(run), Path(out)
     _check_target(run, out, overwrite)
     info = _load_checked(run)
     engine, note, openvino = _choose_engine(run, cpu, engine, frames)
-    engine_precision, bf16_note = _bf16_kept(run, cpu, engine, engine_precision, frames)
+    engine_precision, precision_note = _engine_arithmetic(run, cpu, engine, engine_precision, frames)
     display_name = name or run.resolve().name
     config = function_config(info, function_name(display_name), display_name, cpu=cpu, score=score,
                              openvino=openvino, engine_precision=engine_precision)  # fmt: skip
@@ -127,7 +130,7 @@ def package_function(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Packaged(out, config["metadata"]["name"], display_name, info, cpu, runtime_files, score, engine,
-                    note or bf16_note, engine_precision)  # fmt: skip
+                    note or precision_note, engine_precision)  # fmt: skip
 
 
 def _choose_engine(
@@ -150,15 +153,21 @@ def _choose_engine(
     return engine, None, exported.exported_with["openvino"]
 
 
-def _bf16_kept(
+def _engine_arithmetic(
     run: Path, cpu: bool, engine: str, precision: str, frames: Sequence[Frame] | None
 ) -> tuple[str, str | None]:
-    """(what the engine computes in, why not bf16 when it was asked for): bf16 only for the OpenVINO
-    engine, and only when it finds PyTorch's detections at the thresholds (export.verify_bf16)."""
+    """(what the OpenVINO engine computes in, why not what was asked for). ``auto``: f32, or bf16x3
+    where this CPU has AMX and it finds PyTorch's detections faster (export.verify_bf16x3); ``f32``;
+    ``bf16``: only when it finds PyTorch's detections at the thresholds (export.verify_bf16)."""
     if precision not in ENGINE_PRECISIONS:
         raise UserError(f"--engine-precision {precision}: expected one of {', '.join(ENGINE_PRECISIONS)}")
-    if precision == "f32":
-        return precision, None
+    if precision == "f32" or (precision == "auto" and not (cpu and engine == "openvino")):
+        return "f32", None
+    if precision == "auto":
+        from serverless.bf16x3 import cpu_has_amx
+        from trainer.deploy.export import verify_bf16x3
+
+        return ("bf16x3" if cpu_has_amx() and verify_bf16x3(run, frames)["chosen"] else "f32"), None
     if not cpu:
         raise UserError("--engine-precision bf16 is for the OpenVINO CPU function; add --cpu")
     if engine != "openvino":
@@ -213,6 +222,8 @@ def function_config(
             spec["env"].append({"name": ENGINE_ENV, "value": "openvino"})
             if engine_precision == "bf16":
                 spec["env"].append({"name": PRECISION_ENV, "value": "bf16"})
+            elif engine_precision == "f32":  # pinned: never bf16x3, even where a check chose it
+                spec["env"].append({"name": PRECISION_ENV, "value": "off"})
         spec["eventTimeout"] = CPU_EVENT_TIMEOUT
         limits = spec["resources"]["limits"]
         del limits["nvidia.com/gpu"]
