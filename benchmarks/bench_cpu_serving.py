@@ -11,6 +11,8 @@ frame (tests/data/bccd_subset), decoded by the function's own decoder:
 - the speed-up: the median over rounds of PyTorch's time / the engine's (goal >= 2);
 - agreement with PyTorch (trainer.deploy.export.compare: boxes within 1 px or IoU >= 0.99, scores
   within 1e-3, nothing missing or extra) at the bundle's thresholds and at 0.05 (everything kept);
+- on a CPU with AMX, the same for OpenVINO bf16x3 (serverless/bf16x3.py: f32-grade results from
+  bf16 products, what ``package`` chooses there when its check finds it faithful and faster);
 - with --bf16, the same for OpenVINO bf16 (an opt-in: faster on AMX CPUs, not exact), its agreement
   by the looser tolerance that ``package --engine-precision bf16`` checks (export.BF16).
 
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from serverless.bf16x3 import cpu_has_amx
 from serverless.bundle import MODEL_JSON, BundleInfo, save_bundle
 from serverless.detections import Detections
 from serverless.detector import Detector
@@ -114,6 +117,8 @@ def bench_bundle(bundle: Path, shots: dict[str, np.ndarray], args: argparse.Name
     exported = time.perf_counter() - start
     pytorch = Detector(bundle, "cpu")
     engines = {"openvino f32": EngineDetector(bundle, "f32", threads)}
+    if cpu_has_amx():
+        engines["openvino bf16x3"] = EngineDetector(bundle, "bf16x3", threads)
     if args.bf16:
         engines["openvino bf16"] = EngineDetector(bundle, "bf16", threads)
     verified = Agreement(**engine_info.verification["agreement"])
@@ -129,7 +134,7 @@ def bench_bundle(bundle: Path, shots: dict[str, np.ndarray], args: argparse.Name
             tolerance = BF16 if engine.precision == "bf16" else SAME
             agreements = [f"@{label} {_agreement(pytorch, engine, frame, t, tolerance).summary()}"
                           for label, t in (("bundle thresholds", None), ("0.05", 0.05))]  # fmt: skip
-            print(f"    {k} agreement: " + "; ".join(agreements))
+            print(f"    {k} agreement (computed in {engine.precision}): " + "; ".join(agreements))
 
 
 def _speeds(times: dict[str, list[float]]) -> str:
