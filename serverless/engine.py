@@ -182,10 +182,6 @@ class OpenVinoNetwork:
         self._core = ov.Core()
         self._xml = xml
         self._model = self._core.read_model(xml)
-        if precision == "bf16x3":
-            from serverless.bf16x3 import bf16x3_model
-
-            self._model = bf16x3_model(self._core, self._model)
         self._outputs = len(self._model.outputs)
         self._config = {
             "PERFORMANCE_HINT": "LATENCY",
@@ -194,6 +190,13 @@ class OpenVinoNetwork:
             "INFERENCE_PRECISION_HINT": "f32" if precision == "f32" else "bf16",
         }
         self._requests: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        if precision == "bf16x3":
+            from serverless.bf16x3 import bf16x3_model
+
+            try:
+                self._model = bf16x3_model(self._core, self._model)
+            except Exception as exc:  # a graph its rewrites do not know: f32 serves it as exported
+                self._compute_in_f32(f"its rewrite failed ({type(exc).__name__}: {exc})")
 
     def __call__(self, window: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
         """The graph's outputs (copies) for one window resized to ``size`` (height, width)."""
@@ -228,11 +231,15 @@ class OpenVinoNetwork:
 
         leaks = bf16_leaks(compiled)
         if leaks:
-            log.warning("bf16x3 would compute %d layers in bf16 (%s); computing in f32", len(leaks), leaks[0])
-            self.precision, self._model = "f32", self._core.read_model(self._xml)
-            self._config["INFERENCE_PRECISION_HINT"] = "f32"
-            self._requests.clear()
+            self._compute_in_f32(f"it would compute {len(leaks)} layers in bf16 ({leaks[0]})")
         return bool(leaks)
+
+    def _compute_in_f32(self, why: str) -> None:
+        """Serve the export as it is, in f32, from now on: bf16x3 would not be f32-faithful."""
+        log.warning("bf16x3: %s; computing in f32", why)
+        self.precision, self._model = "f32", self._core.read_model(self._xml)
+        self._config["INFERENCE_PRECISION_HINT"] = "f32"
+        self._requests.clear()
 
 
 class EngineDetector(ServedBundle):

@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -311,7 +312,7 @@ def _outputs(found: Detections, labels: list[str]) -> dict[str, np.ndarray]:
     return {"boxes": found.boxes, "scores": found.scores, "labels": classes}
 
 
-def test_bf16x3_that_would_leak_bf16_computes_in_f32(exported, monkeypatch, caplog):
+def test_bf16x3_that_would_leak_bf16_or_cannot_be_rewritten_computes_in_f32(exported, monkeypatch, caplog):
     monkeypatch.setattr("serverless.bf16x3.bf16_leaks", lambda compiled: ["Transpose Transpose_5"])
     x3, f32 = EngineDetector(exported, "bf16x3", 2), EngineDetector(exported, "f32", 2)
     _, frame = FRAMES[0]
@@ -320,6 +321,14 @@ def test_bf16x3_that_would_leak_bf16_computes_in_f32(exported, monkeypatch, capl
     expected = f32.detect(frame, 0.05)
     np.testing.assert_array_equal(got.boxes, expected.boxes)
     np.testing.assert_array_equal(got.scores, expected.scores)
+
+    def unknown(core: Any, model: Any) -> Any:
+        raise RuntimeError("no rewrite for Einsum_7")
+
+    monkeypatch.setattr("serverless.bf16x3.bf16x3_model", unknown)
+    unrewritten = EngineDetector(exported, "bf16x3", 2)
+    assert unrewritten.precision == "f32" and "Einsum_7" in caplog.text
+    np.testing.assert_array_equal(unrewritten.detect(frame, 0.05).scores, expected.scores)
 
 
 def test_auto_serves_bf16x3_only_where_packaging_chose_it_and_the_cpu_has_amx(exported, tmp_path,
