@@ -215,7 +215,13 @@ class OpenVinoNetwork:
             return request
         model = self._model.clone()
         model.reshape({INPUTS[0]: [*hw, 3], INPUTS[1]: [2]})
-        compiled = self._core.compile_model(model, "CPU", self._config)
+        try:
+            compiled = self._core.compile_model(model, "CPU", self._config)
+        except RuntimeError as exc:
+            if self.precision != "bf16x3":
+                raise
+            self._compute_in_f32(f"it did not compile ({exc})")
+            return self._request(hw)
         if self.precision == "bf16x3" and self._leaks_bf16(compiled):
             return self._request(hw)
         request = compiled.create_infer_request()

@@ -49,7 +49,7 @@ from trainer.deploy.export import (
     verify_bf16,
 )
 
-pytest.importorskip("openvino")
+ov = pytest.importorskip("openvino")
 
 #: Verification frames: small, and one of them at a size where float32 resize arithmetic is off.
 FRAMES = generated_frames(((160, 120), (301, 100), (90, 160)), seed=1)
@@ -329,6 +329,19 @@ def test_bf16x3_that_would_leak_bf16_or_cannot_be_rewritten_computes_in_f32(expo
     unrewritten = EngineDetector(exported, "bf16x3", 2)
     assert unrewritten.precision == "f32" and "Einsum_7" in caplog.text
     np.testing.assert_array_equal(unrewritten.detect(frame, 0.05).scores, expected.scores)
+
+    monkeypatch.undo()
+    compile_model = ov.Core.compile_model
+
+    def refusing(core: Any, model: Any, device: str, config: dict[str, Any]) -> Any:
+        if config["INFERENCE_PRECISION_HINT"] == "bf16":
+            raise RuntimeError("Exception from src/plugins/intel_cpu: unsupported node")
+        return compile_model(core, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", refusing)
+    refused = EngineDetector(exported, "bf16x3", 2)
+    np.testing.assert_array_equal(refused.detect(frame, 0.05).scores, expected.scores)
+    assert refused.precision == "f32" and "did not compile" in caplog.text
 
 
 def test_auto_serves_bf16x3_only_where_packaging_chose_it_and_the_cpu_has_amx(exported, tmp_path,
