@@ -236,7 +236,8 @@ def test_verification_frames_are_the_images_the_run_held_out(tmp_path):
 def test_cpu_package_serves_the_engine_and_says_what_it_was_verified_on(exported, tmp_path, capsys):
     from trainer.commands import main
 
-    assert main(["package", str(exported), "--out", str(tmp_path / "fn"), "--cpu"]) == 0
+    run = _copy(exported, tmp_path / "run")  # package records its bf16x3 check in the run's engine.json
+    assert main(["package", str(run), "--out", str(tmp_path / "fn"), "--cpu"]) == 0
     out = capsys.readouterr().out
     assert "CPU, OpenVINO" in out and "note:" not in out
     verified = next(line for line in out.splitlines() if line.startswith("OpenVINO export verified"))
