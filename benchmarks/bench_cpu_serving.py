@@ -43,7 +43,6 @@ from PIL import Image
 
 from serverless.bf16x3 import cpu_has_amx
 from serverless.bundle import MODEL_JSON, BundleInfo, save_bundle
-from serverless.detections import Detections
 from serverless.detector import Detector
 from serverless.engine import EngineDetector, cpu_threads
 from serverless.imageio import decode_image
@@ -53,6 +52,7 @@ from trainer.deploy.export import (
     Agreement,
     EngineUnfaithful,
     Tolerance,
+    as_outputs,
     compare,
     export_engine,
     generated_frames,
@@ -97,12 +97,6 @@ def bundles(args: argparse.Namespace, tmp: Path) -> list[Path]:
         save_bundle(tmp / arch, info, info.build().state_dict())
         found.append(tmp / arch)
     return found
-
-
-def as_outputs(det: Detections, labels: list[str]) -> dict[str, np.ndarray]:
-    """Detections as compare() reads model outputs: class numbers instead of names."""
-    classes = np.array([labels.index(n) + 1 for n in det.labels], dtype=np.int64)
-    return {"boxes": det.boxes, "scores": det.scores, "labels": classes}
 
 
 def bench_bundle(bundle: Path, shots: dict[str, np.ndarray], args: argparse.Namespace) -> None:

@@ -20,7 +20,6 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from serverless.bf16x3 import bf16_leaks, cpu_has_amx
 from serverless.bundle import ENGINE_BIN, ENGINE_JSON, ENGINE_XML, WEIGHTS, BundleError
-from serverless.detections import Detections
 from serverless.detector import Detector
 from serverless.engine import (
     ENGINE_FORMAT_VERSION,
@@ -42,6 +41,7 @@ from trainer.deploy import export
 from trainer.deploy.export import (
     BF16,
     EngineUnfaithful,
+    as_outputs,
     compare,
     export_engine,
     generated_frames,
@@ -295,7 +295,7 @@ def test_bf16_is_served_only_where_its_verification_kept_the_detections(exported
 def test_bf16x3_finds_what_f32_finds_with_no_other_layer_in_bf16(exported):
     f32, x3 = EngineDetector(exported, "f32", 2), EngineDetector(exported, "bf16x3", 2)
     for _, frame in generated_frames(((200, 150), (97, 203)), seed=7):
-        got, expected = (_outputs(d.detect(frame, 0.05), d.labels) for d in (x3, f32))
+        got, expected = (as_outputs(d.detect(frame, 0.05), d.labels) for d in (x3, f32))
         result = compare(expected, got, np.array([0.05, 0.05], np.float32))
         assert result.reference > 0 and result.same, result.summary()
         assert result.worst_box_px < 0.05 and result.worst_score < 1e-4, result.summary()  # f32 grade
@@ -305,12 +305,6 @@ def test_bf16x3_finds_what_f32_finds_with_no_other_layer_in_bf16(exported):
     if cpu_has_amx():  # elsewhere OpenVINO computes all of it in f32
         runtime = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
         assert any(i["runtimePrecision"].astype(str) == "bf16" for i in runtime)
-
-
-def _outputs(found: Detections, labels: list[str]) -> dict[str, np.ndarray]:
-    """Detections as :func:`compare` reads model outputs."""
-    classes = np.array([labels.index(name) + 1 for name in found.labels], np.int64)
-    return {"boxes": found.boxes, "scores": found.scores, "labels": classes}
 
 
 def test_bf16x3_that_would_leak_bf16_or_cannot_be_rewritten_computes_in_f32(exported, monkeypatch, caplog):

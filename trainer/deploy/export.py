@@ -54,6 +54,7 @@ from serverless.bundle import (
     atomic_write,
     load_model,
 )
+from serverless.detections import Detections
 from serverless.engine import (
     INPUTS,
     OUTPUTS,
@@ -303,6 +304,13 @@ def verify(
         got = dict(zip(OUTPUTS, network(frame, resized_size(*frame.shape[:2], engine)), strict=False))
         total.add(compare(ref, got, floors, tolerance))
     return total
+
+
+def as_outputs(found: Detections, labels: list[str]) -> dict[str, np.ndarray]:
+    """A detector's :class:`Detections` as :func:`compare` reads model outputs: class numbers (1 for
+    ``labels[0]``) instead of names."""
+    classes = np.array([labels.index(name) + 1 for name in found.labels], dtype=np.int64)
+    return {"boxes": found.boxes, "scores": found.scores, "labels": classes}
 
 
 def compare(
