@@ -29,6 +29,7 @@ from serverless.engine import (
     _cgroup_quota,
     cpu_computes_bf16,
     cpu_threads,
+    gemm_bias_apart,
     open_detector,
     paste_mask,
     resized_size,
@@ -117,6 +118,29 @@ def test_cpu_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
     monkeypatch.setenv(THREADS_ENV, "zero")
     with pytest.raises(UserError, match=THREADS_ENV):
         cpu_threads()
+
+
+def test_fully_connected_bias_added_apart_is_the_same_sum_and_stays_apart_when_compiled():
+    ops = pytest.importorskip("openvino.opset13")
+    rng = np.random.default_rng(0)
+    rois = ops.parameter([-1, 96], np.float32, name="rois")
+    fc = ops.matmul(rois, ops.constant(rng.normal(0, 0.1, (32, 96)).astype(np.float32)), False, True)
+    hidden = ops.relu(ops.add(fc, ops.constant(rng.normal(0, 0.1, 32).astype(np.float32))), name="relu")
+    scores = ops.matmul(hidden, ops.constant(rng.normal(0, 0.1, (32, 5)).astype(np.float32)), False, False)
+    model = ov.Model([scores], [rois])
+    x = rng.normal(0, 1, (7, 96)).astype(np.float32)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
+    fused = ov.Core().compile_model(model, "CPU", config)
+    apart = ov.Core().compile_model(gemm_bias_apart(model.clone()), "CPU", config)
+    np.testing.assert_allclose(apart({0: x})[0], fused({0: x})[0], rtol=1e-5, atol=1e-6)
+
+    def relu_in_fully_connected(compiled: Any) -> bool:
+        runtime = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+        layers = [(i["layerType"].astype(str), i["originalLayersNames"].astype(str)) for i in runtime]
+        return any(kind == "FullyConnected" and "relu" in names for kind, names in layers)
+
+    assert relu_in_fully_connected(fused)  # the plugin fuses bias and ReLU into the layer...
+    assert not relu_in_fully_connected(apart)  # ...unless the bias is added apart
 
 
 def test_engine_finds_what_pytorch_finds_on_frames_it_was_not_verified_on(exported):
