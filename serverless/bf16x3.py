@@ -107,8 +107,10 @@ def _round_bf16(a: np.ndarray) -> np.ndarray:
 
 def _plugin_stable(model: Any) -> None:
     """Rewrite the f32 ops the CPU plugin would rebuild (losing their f32 mark) into equivalents it
-    keeps: Squeeze/Unsqueeze → Reshape, Interpolate-11 → 4, MaxPool-8 → 1, and a fully connected
-    MatMul → a 1x1 convolution with the rows laid out as its height (fast in f32)."""
+    keeps: Squeeze/Unsqueeze → Reshape, Interpolate-11 → 4, MaxPool-8 → 1, a fully connected
+    MatMul → a 1x1 convolution with the rows laid out as its height (fast in f32), and, in a graph
+    with static shapes (:func:`serverless.engine.for_size`), a Gather of the one item of an axis →
+    Reshape and a Pad-12 by constant non-negative pads → Pad-1."""
     for op in model.get_ordered_ops():
         kind, version = op.get_type_name(), op.get_type_info().version_id
         if kind in ("Squeeze", "Unsqueeze") and op.input_value(0).get_element_type().get_type_name() == "f32":
@@ -119,6 +121,10 @@ def _plugin_stable(model: Any) -> None:
             new = _as_maxpool1(op)
         elif kind == "MatMul" and _constant(op.input_value(1)) is not None:
             new = _as_convolution(op)
+        elif kind == "Gather" and op.get_output_partial_shape(0).is_static:
+            new = _gather_as_reshape(op)
+        elif kind == "Pad" and version == "opset12":
+            new = _as_pad1(op)
         else:
             continue
         if new is not None:
@@ -148,6 +154,34 @@ def _as_reshape(op: Any) -> Any:
             for i in range(rank_out)
         ], 0)  # fmt: skip
     return ops.reshape(x, target, False)
+
+
+def _gather_as_reshape(op: Any) -> Any:
+    """Gather of index 0 (or -1) of an axis of length 1 (torchvision's ``images[0]``) → Reshape."""
+    import openvino.opset13 as ops
+
+    index, axis = _constant(op.input_value(1)), _constant(op.input_value(2))
+    shape = op.input_value(0).get_partial_shape()
+    if index is None or axis is None or index.ndim or shape.rank.is_dynamic:
+        return None
+    if op.get_attributes()["batch_dims"]:
+        return None
+    length = shape[int(axis) % shape.rank.get_length()]
+    if length.is_dynamic or length.get_length() != 1 or int(index) not in (0, -1):
+        return None
+    return ops.reshape(op.input_value(0), _i64(*op.get_output_shape(0)), False)
+
+
+def _as_pad1(op: Any) -> Any:
+    """Pad-12 by constant pads that are all non-negative (torchvision's padding of the batch to a
+    multiple of 32, once its size is known) → Pad-1, which the plugin would make of it anyway."""
+    import openvino.opset1 as ops1
+
+    begin, end = _constant(op.input_value(1)), _constant(op.input_value(2))
+    if begin is None or end is None or (begin < 0).any() or (end < 0).any():
+        return None
+    value = op.input_value(3) if op.get_input_size() > 3 else None
+    return ops1.pad(op.input_value(0), begin, end, op.get_attributes()["pad_mode"], value)
 
 
 def _as_interpolate4(op: Any) -> Any:

@@ -16,8 +16,10 @@ detection's 28x28 mask probabilities; :func:`paste_mask` pastes them as torchvis
 inside the detection's box, instead of the graph's N full-frame masks.
 
 Threads: one Nuclio worker uses every core the container may use (:func:`cpu_threads`). Speed: one
-compiled model per frame size (static shapes; CVAT tasks have one size), :data:`SHAPE_CACHE` sizes
-kept, each with its reused infer request and input buffer. Precision is f32, set explicitly:
+compiled model per frame size, with the resized size made a constant of the graph
+(:func:`for_size`: static shapes throughout; CVAT tasks have one size), :data:`SHAPE_CACHE` sizes
+kept, each with its reused infer request and input buffer; fully connected layers keep their bias
+apart (:func:`gemm_bias_apart`). Precision is f32, set explicitly:
 OpenVINO's default on CPUs with AMX or AVX512-BF16 is bf16, which moves scores by a few hundredths.
 On AMX CPUs an engine whose packaging check chose it computes in bf16x3 instead
 (:mod:`serverless.bf16x3`): f32-grade results, faster.
@@ -191,46 +193,51 @@ class OpenVinoNetwork:
             "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": "f32" if precision == "f32" else "bf16",
         }
-        self._requests: OrderedDict[tuple[int, int], Any] = OrderedDict()
-        if precision == "bf16x3":
-            from serverless.bf16x3 import bf16x3_model
-
-            try:
-                self._model = bf16x3_model(self._core, self._model)
-            except Exception as exc:  # a graph its rewrites do not know: f32 serves it as exported
-                self._compute_in_f32(f"its rewrite failed ({type(exc).__name__}: {exc})")
+        self._requests: OrderedDict[tuple[tuple[int, int], tuple[int, int]], Any] = OrderedDict()
 
     def __call__(self, window: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
         """The graph's outputs (copies) for one window resized to ``size`` (height, width)."""
-        request = self._request(window.shape[:2])
+        request = self._request(window.shape[:2], (int(size[0]), int(size[1])))
         np.copyto(request.get_input_tensor(0).data, window)  # into the request's own buffer
-        request.get_input_tensor(1).data[:] = size
         request.infer()
         return [np.array(request.get_output_tensor(i).data) for i in range(self._outputs)]
 
-    def _request(self, hw: tuple[int, int]) -> Any:
-        """The infer request of a model compiled for windows of ``hw``, compiling it on first use;
-        the least recently used size is dropped beyond :data:`SHAPE_CACHE`."""
-        request = self._requests.get(hw)
-        if request is not None:
-            self._requests.move_to_end(hw)
-            return request
-        model = self._model.clone()
-        model.reshape({INPUTS[0]: [*hw, 3], INPUTS[1]: [2]})
+    def _request(self, hw: tuple[int, int], size: tuple[int, int]) -> Any:
+        """The infer request of a model compiled for windows of ``hw`` resized to ``size``, compiling
+        it on first use; the least recently used is dropped beyond :data:`SHAPE_CACHE`."""
+        key = (hw, size)
+        request = self._requests.get(key)
+        if request is None:
+            compiled = self._compile(hw, size)
+            if compiled is None:  # bf16x3 could not serve it: f32 from now on
+                return self._request(hw, size)
+            request = self._requests[key] = compiled.create_infer_request()
+            if len(self._requests) > SHAPE_CACHE:
+                self._requests.popitem(last=False)
+        self._requests.move_to_end(key)
+        return request
+
+    def _compile(self, hw: tuple[int, int], size: tuple[int, int]) -> Any:
+        """The graph compiled for windows of ``hw`` resized to ``size`` (:func:`for_size`), in bf16x3
+        rewritten for that size; None where bf16x3 would not be f32-faithful or could not be built,
+        after which this network computes in f32."""
+        model = for_size(self._model, hw, size)
+        if self.precision == "bf16x3":
+            from serverless.bf16x3 import bf16x3_model
+
+            try:
+                model = bf16x3_model(self._core, model)
+            except Exception as exc:  # a graph its rewrites do not know: f32 serves it as exported
+                self._compute_in_f32(f"its rewrite failed ({type(exc).__name__}: {exc})")
+                return None
         try:
             compiled = self._core.compile_model(model, "CPU", self._config)
         except RuntimeError as exc:
             if self.precision != "bf16x3":
                 raise
             self._compute_in_f32(f"it did not compile ({exc})")
-            return self._request(hw)
-        if self.precision == "bf16x3" and self._leaks_bf16(compiled):
-            return self._request(hw)
-        request = compiled.create_infer_request()
-        self._requests[hw] = request
-        if len(self._requests) > SHAPE_CACHE:
-            self._requests.popitem(last=False)
-        return request
+            return None
+        return None if self.precision == "bf16x3" and self._leaks_bf16(compiled) else compiled
 
     def _leaks_bf16(self, compiled: Any) -> bool:
         """Whether bf16x3 compiled to something other than f32 with bf16 convolutions
@@ -245,9 +252,29 @@ class OpenVinoNetwork:
     def _compute_in_f32(self, why: str) -> None:
         """Serve the export as it is, in f32, from now on: bf16x3 would not be f32-faithful."""
         log.warning("bf16x3: %s; computing in f32", why)
-        self.precision, self._model = "f32", gemm_bias_apart(self._core.read_model(self._xml))
+        self.precision, self._model = "f32", gemm_bias_apart(self._model)
         self._config["INFERENCE_PRECISION_HINT"] = "f32"
         self._requests.clear()
+
+
+def for_size(model: Any, hw: tuple[int, int], size: tuple[int, int]) -> Any:
+    """A copy of the exported ``model`` for HxWx3 windows of ``hw`` resized to ``size``, with the
+    size input made a constant and folded in: every shape up to the RoI heads is then static, so
+    OpenVINO fuses the element-wise chains it cannot fuse on dynamic shapes (x1.1 on MobileNet f32
+    and R50 bf16x3, docs/benchmarks.md)."""
+    import openvino.opset13 as ops
+    from openvino.passes import ConstantFolding, Manager
+
+    model = model.clone()
+    size_input = next(p for p in model.get_parameters() if p.get_friendly_name() == INPUTS[1])
+    dtype = size_input.get_element_type().to_dtype()
+    size_input.output(0).replace(ops.constant(np.array(size, dtype)).output(0))
+    model.remove_parameter(size_input)
+    model.reshape({INPUTS[0]: [*hw, 3]})
+    passes = Manager()
+    passes.register_pass(ConstantFolding())
+    passes.run_passes(model)
+    return model
 
 
 def gemm_bias_apart(model: Any) -> Any:

@@ -17,12 +17,16 @@ ops8 = pytest.importorskip("openvino.opset8")
 
 def _graph() -> ov.Model:
     """A small detector-shaped graph with every op the CPU plugin rebuilds: Unsqueeze, Interpolate-11
-    (linear and nearest), MaxPool-8, fully connected MatMuls (both weight layouts), Squeeze."""
+    (linear and nearest), the Gather of the batch's one image, Pad-12, MaxPool-8, fully connected
+    MatMuls (both weight layouts), Squeeze."""
     rng = np.random.default_rng(0)
     image = ops.parameter([3, 40, 56], np.float32, name="image")
     x = ops.unsqueeze(image, ops.constant(np.array([0], np.int64)))
     x = ops.interpolate(x, ops.constant(np.array([1, 3, 48, 64], np.int64)), "linear_onnx", "sizes",
                         coordinate_transformation_mode="half_pixel")  # fmt: skip
+    x = ops.gather(x, ops.constant(np.int64(0)), ops.constant(np.int64(0)))  # images[0]
+    x = ops.pad(x, np.array([0, 0, 0], np.int64), np.array([0, 1, 1], np.int64), "constant", np.float32(0))
+    x = ops.unsqueeze(x, ops.constant(np.array([0], np.int64)))
     x = ops.relu(ops.convolution(x, ops.constant(rng.normal(0, 0.3, (16, 3, 3, 3)).astype(np.float32)),
                                  [1, 1], [1, 1], [1, 1], [1, 1]))  # fmt: skip
     x = ops8.max_pool(x, [2, 2], [1, 1], [0, 0], [0, 0], [2, 2]).output(0)
@@ -57,6 +61,9 @@ def test_the_ops_the_plugin_rebuilds_are_rewritten_to_the_same_result():
     kinds = {(op.get_type_name(), op.get_type_info().version_id) for op in rewritten.get_ops()}
     assert not {k for k in kinds if k[0] in ("Squeeze", "Unsqueeze", "MatMul")}
     assert ("Interpolate", "opset11") not in kinds and ("MaxPool", "opset8") not in kinds
+    assert ("Pad", "opset12") not in kinds
+    gathers = [op for op in rewritten.get_ops() if op.get_type_name() == "Gather"]
+    assert all(op.get_output_element_type(0).get_type_name() == "i64" for op in gathers)  # shapes only
     assert _error(_run(rewritten, "f32"), _run(model, "f32")) < 1e-6
 
 

@@ -26,6 +26,7 @@ from serverless.engine import (
     THREADS_ENV,
     EngineDetector,
     EngineInfo,
+    OpenVinoNetwork,
     _cgroup_quota,
     cpu_computes_bf16,
     cpu_threads,
@@ -141,6 +142,16 @@ def test_fully_connected_bias_added_apart_is_the_same_sum_and_stays_apart_when_c
 
     assert relu_in_fully_connected(fused)  # the plugin fuses bias and ReLU into the layer...
     assert not relu_in_fully_connected(apart)  # ...unless the bias is added apart
+
+
+def test_each_resized_size_of_a_window_shape_gets_its_own_compiled_graph(exported):
+    _, frame = FRAMES[0]  # 120x160
+    shared = OpenVinoNetwork(exported / ENGINE_XML, 2)
+    for size in ((128, 170), (96, 128), (128, 170)):
+        alone = OpenVinoNetwork(exported / ENGINE_XML, 2)(frame, size)
+        for got, expected in zip(shared(frame, size), alone, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    assert len(shared._requests) == 2
 
 
 def test_engine_finds_what_pytorch_finds_on_frames_it_was_not_verified_on(exported):
@@ -346,8 +357,8 @@ def test_bf16x3_that_would_leak_bf16_or_cannot_be_rewritten_computes_in_f32(expo
 
     monkeypatch.setattr("serverless.bf16x3.bf16x3_model", unknown)
     unrewritten = EngineDetector(exported, "bf16x3", 2)
-    assert unrewritten.precision == "f32" and "Einsum_7" in caplog.text
     np.testing.assert_array_equal(unrewritten.detect(frame, 0.05).scores, expected.scores)
+    assert unrewritten.precision == "f32" and "Einsum_7" in caplog.text
 
     monkeypatch.undo()
     compile_model = ov.Core.compile_model
