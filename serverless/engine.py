@@ -182,7 +182,6 @@ class OpenVinoNetwork:
             raise UserError(f"engine precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.threads, self.precision = threads, precision
         self._core = ov.Core()
-        self._xml = xml
         self._model = self._core.read_model(xml)
         if precision == "f32":
             gemm_bias_apart(self._model)
