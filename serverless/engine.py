@@ -182,9 +182,7 @@ class OpenVinoNetwork:
             raise UserError(f"engine precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.threads, self.precision = threads, precision
         self._core = ov.Core()
-        self._model = self._core.read_model(xml)
-        if precision == "f32":
-            gemm_bias_apart(self._model)
+        self._model = self._core.read_model(xml)  # as exported; each size's graph is made from it
         self._outputs = len(self._model.outputs)
         self._config = {
             "PERFORMANCE_HINT": "LATENCY",
@@ -217,11 +215,13 @@ class OpenVinoNetwork:
         return request
 
     def _compile(self, hw: tuple[int, int], size: tuple[int, int]) -> Any:
-        """The graph compiled for windows of ``hw`` resized to ``size`` (:func:`for_size`), in bf16x3
-        rewritten for that size; None where bf16x3 would not be f32-faithful or could not be built,
-        after which this network computes in f32."""
+        """The graph compiled for windows of ``hw`` resized to ``size`` (:func:`for_size`): in f32
+        with :func:`gemm_bias_apart`, in bf16x3 rewritten for that size; None where bf16x3 would not
+        be f32-faithful or could not be built, after which this network computes in f32."""
         model = for_size(self._model, hw, size)
-        if self.precision == "bf16x3":
+        if self.precision == "f32":
+            gemm_bias_apart(model)
+        elif self.precision == "bf16x3":
             from serverless.bf16x3 import bf16x3_model
 
             try:
@@ -249,9 +249,9 @@ class OpenVinoNetwork:
         return bool(leaks)
 
     def _compute_in_f32(self, why: str) -> None:
-        """Serve the export as it is, in f32, from now on: bf16x3 would not be f32-faithful."""
+        """Serve the export in f32 from now on: bf16x3 would not be f32-faithful."""
         log.warning("bf16x3: %s; computing in f32", why)
-        self.precision, self._model = "f32", gemm_bias_apart(self._model)
+        self.precision = "f32"
         self._config["INFERENCE_PRECISION_HINT"] = "f32"
         self._requests.clear()
 
